@@ -1,0 +1,621 @@
+"""
+PVDM: video diffusion in a projected latent space (Yu, Sohn, Kim, Shin, CVPR 2023, arXiv 2302.07685).
+
+Read this file top to bottom; it is built bottom-up:
+  1. helpers            sinusoidal embeddings, weight averaging, checkpoints
+  2. attention blocks   the transformer pieces the autoencoder is made of
+  3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
+  4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
+  5. UNet blocks        ResBlock, 2D attention, cross-plane attention
+  6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
+  7. diffusion          DDPM/DDIM with joint (un)conditional training, long videos (paper section 3.3)
+  8. configs            dataclasses and the tiny / paper presets
+
+One layout convention everywhere: a video is (B, C, T, H, W) with values in [-1, 1].
+Inside the autoencoder, tokens are channels-last (B, t, h, w, D) with t = T, h = H / p, w = W / p.
+The latent of a clip is three planes with C channels each:
+    z_s (B, C, h, w)   time collapsed: what stays (content)
+    z_h (B, C, t, w)   height collapsed: motion seen from above
+    z_w (B, C, t, h)   width collapsed: motion seen from the side
+For diffusion the three planes are flattened and packed into one tensor (B, C, h*w + t*w + t*h).
+"""
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# 1. Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), as in Transformers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # (B, dim)
+
+
+def pack(planes):
+    """(z_s, z_h, z_w) -> one tensor (B, C, h*w + t*w + t*h), so diffusion maths sees a single array."""
+    return torch.cat([p.flatten(2) for p in planes], dim=2)
+
+
+def unpack(z, t, h, w):
+    """Inverse of pack: (B, C, N) -> z_s (B, C, h, w), z_h (B, C, t, w), z_w (B, C, t, h)."""
+    z_s, z_h, z_w = z.split([h * w, t * w, t * h], dim=2)
+    return z_s.unflatten(2, (h, w)), z_h.unflatten(2, (t, w)), z_w.unflatten(2, (t, h))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    """ema <- decay * ema + (1 - decay) * model, with the usual warm-up so early steps count."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB of videos in [-1, 1] (peak-to-peak range 2), averaged over the batch."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4 / mse.clamp_min(1e-10))).mean().item()
+
+
+def fingerprint(module):
+    """A short hash of a model's weights: lets a diffusion checkpoint name the exact autoencoder it used."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a run killed mid-save leaves the previous checkpoint intact, never half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def load_checkpoint(path, kind):
+    """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} holds a {found} checkpoint, not a {kind} one; pass a {kind} checkpoint.")
+    return ckpt
+
+
+def load_autoencoder(path, device="cpu"):
+    """Rebuild a trained autoencoder from its checkpoint alone (config + weights), in eval mode."""
+    ckpt = load_checkpoint(path, "autoencoder")
+    model = ProjectedAutoencoder(AutoencoderConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Attention blocks (autoencoder)
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (N, L, D) sequences through scaled_dot_product_attention,
+    which dispatches to flash / memory-efficient kernels on GPU (memory linear in L)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D/heads)
+        return self.proj(rearrange(out, "n h l d -> n l (h d)"))  # (N, L, D)
+
+
+def mlp(dim, ratio=4):
+    return nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(ratio * dim, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block on (N, L, D)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), mlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SpaceTimeBlock(nn.Module):
+    """Divided space-time attention (TimeSformer): each token attends along time, then over the
+    h x w grid of its frame, then goes through the MLP. Cost O(t^2 + (hw)^2) instead of O((thw)^2)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm_t, self.attn_t = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm_s, self.attn_s = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm_m, self.mlp = nn.LayerNorm(dim), mlp(dim)
+
+    def forward(self, x):
+        b, t, h, w, d = x.shape
+        xt = rearrange(x, "b t h w d -> (b h w) t d")  # sequences along time
+        xt = xt + self.attn_t(self.norm_t(xt))
+        xs = rearrange(xt, "(b h w) t d -> (b t) (h w) d", b=b, h=h)  # sequences over one frame
+        xs = xs + self.attn_s(self.norm_s(xs))
+        xs = xs + self.mlp(self.norm_m(xs))
+        return rearrange(xs, "(b t) (h w) d -> b t h w d", b=b, h=h)  # (B, t, h, w, D)
+
+
+def run_blocks(blocks, x, use_checkpoint):
+    """Apply blocks in turn; with activation checkpointing only block inputs are kept for backward."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Projected autoencoder (paper section 3.1)
+# ----------------------------------------------------------------------------------------------
+
+# How each plane is read off the token volume (B, t, h, w, D): the collapsed axis becomes the sequence
+# a small transformer summarises; the other two axes stay as the plane's 2D grid.
+PROJECTIONS = {  # plane: (collapsed axis, tokens -> sequences, summaries -> plane)
+    "s": ("t", "b t h w d -> (b h w) t d", "(b h w) d -> b d h w"),  # collapse time   -> (B, D, h, w)
+    "h": ("h", "b t h w d -> (b t w) h d", "(b t w) d -> b d t w"),  # collapse height -> (B, D, t, w)
+    "w": ("w", "b t h w d -> (b t h) w d", "(b t h) d -> b d t h"),  # collapse width  -> (B, D, t, h)
+}
+
+
+class AxisProjection(nn.Module):
+    """Summarise a sequence of L tokens into one with a learned summary token prepended at position 0.
+    (The original PVDM code appends the token but reads position 0; here it is prepended and read there.)"""
+
+    def __init__(self, dim, heads, depth, length):
+        super().__init__()
+        self.summary = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, length + 1, dim))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = torch.cat([self.summary.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (N, 1 + L, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x[:, 0])  # (N, D): the summary token's output
+
+
+class ProjectedAutoencoder(nn.Module):
+    """Encoder: per-frame patches -> divided space-time transformer -> three axis projections -> 1x1 conv
+    to C channels -> tanh. Decoder: 1x1 conv back to D -> broadcast-sum the planes into a (t, h, w)
+    volume -> divided space-time transformer -> per-frame un-patchify to pixels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        t, h, w = cfg.latent_size
+        d, p = cfg.dim, cfg.patch
+        self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=p, stride=p)
+        self.enc_pos_t, self.enc_pos_s = nn.Parameter(torch.zeros(t, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
+        self.encoder = nn.ModuleList(SpaceTimeBlock(d, cfg.heads) for _ in range(cfg.depth))
+        self.enc_norm = nn.LayerNorm(d)
+        axis_len = {"t": t, "h": h, "w": w}
+        self.project = nn.ModuleDict(
+            {k: AxisProjection(d, cfg.heads, cfg.proj_depth, axis_len[axis]) for k, (axis, _, _) in PROJECTIONS.items()})
+        self.to_latent = nn.ModuleDict({k: nn.Conv2d(d, cfg.latent_channels, 1) for k in PROJECTIONS})
+        self.from_latent = nn.ModuleDict({k: nn.Conv2d(cfg.latent_channels, d, 1) for k in PROJECTIONS})
+        self.dec_pos_t, self.dec_pos_s = nn.Parameter(torch.zeros(t, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
+        self.decoder = nn.ModuleList(SpaceTimeBlock(d, cfg.heads) for _ in range(cfg.depth))
+        self.dec_norm = nn.LayerNorm(d)
+        self.to_pixels = nn.Linear(d, p * p * cfg.channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """All special initialisations in one place."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name, param in self.named_parameters():
+            if "pos" in name or "summary" in name:
+                nn.init.normal_(param, std=0.02)
+
+    def encode(self, x):
+        """(B, 3, T, H, W) -> z_s (B, C, h, w), z_h (B, C, t, w), z_w (B, C, t, h), all in [-1, 1]."""
+        b = x.shape[0]
+        tokens = self.patch_embed(rearrange(x, "b c t y x -> (b t) c y x"))  # (B*t, D, h, w)
+        tokens = rearrange(tokens, "(b t) d h w -> b t h w d", b=b) + self.enc_pos_t + self.enc_pos_s
+        tokens = self.enc_norm(run_blocks(self.encoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
+        return tuple(self.project_plane(tokens, k) for k in PROJECTIONS)
+
+    def project_plane(self, tokens, key):
+        """Collapse one axis of the token volume into a C-channel plane in [-1, 1]."""
+        collapsed, to_seq, to_plane = PROJECTIONS[key]
+        kept = {axis: n for axis, n in zip("thw", tokens.shape[1:4]) if axis != collapsed}
+        seq = rearrange(tokens, to_seq)  # (B * a * b, L, D), L the collapsed axis
+        plane = rearrange(self.project[key](seq), to_plane, **kept)  # (B, D, a, b)
+        return torch.tanh(self.to_latent[key](plane))  # (B, C, a, b): tanh bounds the latent, no KL needed
+
+    def decode(self, planes):
+        """Three planes -> video (B, 3, T, H, W), clamped to [-1, 1]."""
+        return self.decode_unclamped(planes).clamp(-1, 1)
+
+    def decode_unclamped(self, planes):
+        s, hp, wp = (self.from_latent[k](z) for k, z in zip(PROJECTIONS, planes))  # (B, D, .., ..) each
+        # broadcast-sum: v[t, y, x] = s[y, x] + hp[t, x] + wp[t, y]
+        volume = s[:, :, None, :, :] + hp[:, :, :, None, :] + wp[:, :, :, :, None]  # (B, D, t, h, w)
+        tokens = rearrange(volume, "b d t h w -> b t h w d") + self.dec_pos_t + self.dec_pos_s
+        tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
+        p = self.cfg.patch
+        return rearrange(self.to_pixels(tokens), "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)
+
+    @property
+    def use_checkpoint(self):
+        return self.cfg.grad_checkpointing and self.training
+
+    def forward(self, x):
+        """Reconstruction loss: L1 (the paper's pixel loss) plus an L2 term, which pulls a model out of
+        the 'background only' solution that L1 alone gets stuck in on sparse moving content."""
+        x_hat = self.decode_unclamped(self.encode(x))
+        loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
+        return loss, x_hat
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. 3D PatchGAN discriminator (the autoencoder's adversarial phase)
+# ----------------------------------------------------------------------------------------------
+
+
+class Discriminator3D(nn.Module):
+    """Each output logit judges one space-time patch of the clip as real or reconstructed."""
+
+    def __init__(self, channels=3, width=64, layers=3):
+        super().__init__()
+        body, c = [nn.Conv3d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], width
+        for _ in range(layers - 1):
+            body += [nn.Conv3d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(32, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        body.append(nn.Conv3d(c, 1, 3, padding=1))
+        self.net = nn.Sequential(*body)
+
+    def forward(self, x):
+        return self.net(x)  # (B, 1, T / 2^layers, H / 2^layers, W / 2^layers) logits
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss: push real logits above +1 and fake ones below -1."""
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def hinge_g_loss(logits_fake):
+    """Generator (autoencoder) side of the hinge game: raise the logits of its reconstructions."""
+    return -logits_fake.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. UNet blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def norm(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding as a scale and shift of the second norm."""
+
+    def __init__(self, cin, cout, emb_dim):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
+        self.out_norm = norm(cout)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)  # (B, cout, a, b)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, cout, 1, 1) each
+        h = self.out_layers(self.out_norm(h) * (1 + scale) + shift)
+        return self.skip(x) + h
+
+
+class TokenAttention(nn.Module):
+    """Residual multi-head self-attention over a (B, C, L) token sequence, GroupNorm first."""
+
+    def __init__(self, channels, heads):
+        super().__init__()
+        self.norm, self.heads = norm(channels), heads
+        self.qkv, self.proj = nn.Conv1d(channels, 3 * channels, 1), nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) l -> three b h l d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
+        return x + self.proj(rearrange(out, "b h l d -> b (h d) l"))  # (B, C, L)
+
+
+class Attention2d(TokenAttention):
+    """Self-attention over the positions of one plane."""
+
+    def forward(self, x):
+        return super().forward(x.flatten(2)).view_as(x)  # (B, C, a*b) -> (B, C, a, b)
+
+
+class CrossPlaneAttention(TokenAttention):
+    """The only place the three planes exchange information: their tokens are concatenated into one
+    sequence, attended over jointly, and split back."""
+
+    def forward(self, planes):
+        tokens = torch.cat([p.flatten(2) for p in planes], dim=2)  # (B, C, hw + tw + th)
+        tokens = super().forward(tokens).split([p[0, 0].numel() for p in planes], dim=2)
+        return [tok.view_as(p) for tok, p in zip(tokens, planes)]
+
+
+class TriplaneBlock(nn.Module):
+    """A ResBlock (and 2D attention at low resolution) run on each plane with shared weights,
+    then cross-plane attention."""
+
+    def __init__(self, cin, cout, emb_dim, heads, attend):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim)
+        self.attn = Attention2d(cout, heads) if attend else nn.Identity()
+        self.mix = CrossPlaneAttention(cout, heads)
+
+    def forward(self, planes, emb):
+        return self.mix([self.attn(self.res(p, emb)) for p in planes])
+
+
+class Downsample(nn.Module):
+    def forward(self, planes, emb=None):
+        return [F.avg_pool2d(p, 2) for p in planes]
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, planes, emb=None):
+        return [self.conv(F.interpolate(p, scale_factor=2.0, mode="nearest")) for p in planes]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Triplane UNet (paper section 3.2)
+# ----------------------------------------------------------------------------------------------
+
+
+class TriplaneUNet(nn.Module):
+    """epsilon(z_t, t, condition) for packed latents (B, C, N). The three planes go through the same 2D
+    UNet; the condition clip's latent is concatenated on channels, and an explicit has-condition flag
+    (a learned embedding added to the timestep embedding) tells the model whether it is real."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        base, emb_dim, heads = cfg.base_channels, 4 * cfg.base_channels, cfg.heads
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_flag = nn.Embedding(2, emb_dim)
+        self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
+
+        self.down, skips, c = nn.ModuleList(), [base], base
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(TriplaneBlock(c, base * mult, emb_dim, heads, level in cfg.attention_levels))
+                c = base * mult
+                skips.append(c)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(Downsample())
+                skips.append(c)
+        self.middle = nn.ModuleList([TriplaneBlock(c, c, emb_dim, heads, True), TriplaneBlock(c, c, emb_dim, heads, False)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                cin = c + skips.pop()
+                self.up.append(TriplaneBlock(cin, base * mult, emb_dim, heads, level in cfg.attention_levels))
+                c = base * mult
+            if level > 0:
+                self.up.append(Upsample(c))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, cfg.latent_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # start as a zero predictor: a stable first step
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, z, t, cond, has_cond):
+        """z, cond (B, C, N) packed latents; t (B,) timesteps; has_cond (B,) bool."""
+        cfg = self.cfg
+        cond = cond * has_cond[:, None, None].to(cond.dtype)  # a missing condition is zeros *and* flagged
+        emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.cond_flag(has_cond.long())  # (B, E)
+        zc = torch.cat([z, cond], dim=1)  # (B, 2C, N): the condition enters on channels
+        planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
+        hs = [planes]
+        for block in self.down:
+            planes = block(planes, emb)
+            hs.append(planes)
+        for block in self.middle:
+            planes = block(planes, emb)
+        for block in self.up:
+            if isinstance(block, TriplaneBlock):  # UNet skip: concatenate the matching encoder activation
+                planes = [torch.cat([p, s], dim=1) for p, s in zip(planes, hs.pop())]
+            planes = block(planes, emb)
+        return pack([self.out(p) for p in planes])  # (B, C, N)
+
+# ----------------------------------------------------------------------------------------------
+# 7. Gaussian diffusion with joint conditional / unconditional training (paper section 3.3)
+# ----------------------------------------------------------------------------------------------
+
+
+class GaussianDiffusion(nn.Module):
+    """DDPM (Ho et al. 2020) on packed latents z (B, C, N) with epsilon-prediction.
+    Symbols follow the papers: beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        # the latent-diffusion "linear" schedule: linear in sqrt(beta), then squared
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        # buffers, so .to(device) moves them; float32 is plenty once the cumulative product is taken
+        self.register_buffer("betas", betas.float(), persistent=False)
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+
+    def q_sample(self, z0, t, noise):
+        """Sample q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)."""
+        ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
+        return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+
+    def forward(self, z0, prev, has_prev):
+        """Algorithm 1 (training), joint version. z0: target clip latents; prev: latents of the clip just
+        before; has_prev (B,) bool, False when the video had no room for a previous clip. Each sample is
+        conditioned on its previous clip with probability cond_prob, otherwise trained unconditionally,
+        so one network learns both p(z) and p(z | previous clip)."""
+        b = z0.shape[0]
+        use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,)
+        t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
+        noise = torch.randn_like(z0)
+        eps = self.model(self.q_sample(z0, t, noise), t, prev, use_cond)
+        return F.mse_loss(eps.float(), noise.float())
+
+    def guided_eps(self, z, t, cond, guidance):
+        """Classifier-free guidance, written once for every sampler: eps = (1 + w) eps(z, c) - w eps(z)."""
+        b = z.shape[0]
+        if cond is None:
+            return self.model(z, t, torch.zeros_like(z), torch.zeros(b, dtype=torch.bool, device=z.device))
+        if guidance == 0:
+            return self.model(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device))
+        flags = torch.cat([torch.ones(b), torch.zeros(b)]).bool().to(z.device)  # both passes in one batch
+        eps_c, eps_u = self.model(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags).chunk(2)
+        return (1 + guidance) * eps_c - guidance * eps_u
+
+    @torch.no_grad()
+    def sample(self, n, cond=None, steps=100, eta=1.0, guidance=0.0, generator=None, progress=None):
+        """Algorithm 2, in the DDIM form (Song et al. 2021, eq. 12): walk a subsequence of `steps`
+        timesteps from T - 1 down to 0. eta = 0 is deterministic DDIM; eta = 1 with steps = T is exactly
+        DDPM ancestral sampling, since the update then draws from the posterior q(z_{t-1} | z_t, z_0)."""
+        cfg, device = self.model.cfg, self.alpha_bar.device
+        z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
+        times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
+        for i, t in enumerate(times):
+            t_prev = times[i + 1] if i + 1 < len(times) else -1
+            eps = self.guided_eps(z, torch.full((n,), t, device=device), cond, guidance).float()
+            z = self.ddim_step(z, eps, t, t_prev, eta, generator)
+            if progress is not None:
+                progress(i + 1, steps)
+        return z
+
+    def ddim_step(self, z, eps, t, t_prev, eta, generator=None):
+        """One update z_t -> z_{t_prev}: predict z_0, then move along the predicted noise direction."""
+        ab = self.alpha_bar[t]
+        ab_prev = self.alpha_bar[t_prev] if t_prev >= 0 else torch.ones_like(ab)
+        z0 = ((z - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # latents are tanh-bounded
+        eps = (z - ab.sqrt() * z0) / (1 - ab).sqrt()  # re-derive eps so it agrees with the clipped z_0
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        noise = torch.randn(z.shape, generator=generator, device=z.device)
+        return ab_prev.sqrt() * z0 + (1 - ab_prev - sigma**2).sqrt() * eps + sigma * noise
+
+
+@torch.no_grad()
+def generate_video(autoencoder, diffusion, frames, n=1, **sample_kwargs):
+    """Make `frames` frames of n videos clip by clip: clip 1 unconditionally, clip k conditioned on the
+    sampled latent of clip k - 1. Yields decoded clips (n, 3, <=T, H, W) one at a time, so memory does
+    not grow with the length; the last clip is trimmed to exactly the number of frames asked for."""
+    clip_len, cond = autoencoder.cfg.frames, None
+    ucfg = diffusion.model.cfg
+    for k in range(math.ceil(frames / clip_len)):
+        z = diffusion.sample(n, cond=cond, **sample_kwargs)  # (n, C, N)
+        video = autoencoder.decode(unpack(z, ucfg.frames, ucfg.size, ucfg.size))  # (n, 3, T, H, W)
+        yield video[:, :, : frames - k * clip_len], z
+        cond = z
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Configs and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AutoencoderConfig:
+    resolution: int = 32
+    frames: int = 16
+    patch: int = 4
+    channels: int = 3
+    dim: int = 64
+    depth: int = 2  # space-time blocks in the encoder, and again in the decoder
+    heads: int = 4
+    proj_depth: int = 1  # transformer blocks in each axis projection
+    latent_channels: int = 4
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.resolution % self.patch:
+            raise ValueError(f"resolution {self.resolution} is not divisible by the patch size {self.patch}; "
+                             "pick a resolution that is a multiple of it.")
+        if self.frames < 2:
+            raise ValueError(f"frames must be at least 2 (got {self.frames}).")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}.")
+
+    @property
+    def latent_size(self):
+        """(t, h, w): the one place latent sizes are derived from (frames, resolution, patch)."""
+        return self.frames, self.resolution // self.patch, self.resolution // self.patch
+
+
+@dataclass
+class UNetConfig:
+    latent_channels: int = 4
+    frames: int = 16  # t of the latent planes
+    size: int = 8  # h = w of the latent planes
+    base_channels: int = 64
+    channel_mult: tuple = (1, 2)
+    num_res_blocks: int = 1
+    attention_levels: tuple = (1,)  # levels (0 = full resolution) with 2D self-attention inside planes
+    heads: int = 4
+
+    def __post_init__(self):
+        self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.frames % factor or self.size % factor:
+            raise ValueError(f"latent planes {self.frames}x{self.size} cannot be halved {factor // 2 + 1} times "
+                             f"for channel_mult {self.channel_mult}; use fewer levels or larger planes.")
+
+    @property
+    def num_tokens(self):
+        return self.size * self.size + 2 * self.frames * self.size  # h*w + t*w + t*h
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    cond_prob: float = 0.3  # paper: 0.3 on UCF-101, 0.2 on SkyTimelapse
+
+
+AUTOENCODER_PRESETS = {
+    "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1),
+    "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4),
+}
+UNET_PRESETS = {
+    "tiny": dict(base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=4),
+    "paper": dict(base_channels=256, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2), heads=8),
+}
+
+
+def unet_config_for(ae_cfg, preset):
+    """The UNet's plane sizes come from the autoencoder it denoises the latents of."""
+    t, h, _ = ae_cfg.latent_size
+    return UNetConfig(latent_channels=ae_cfg.latent_channels, frames=t, size=h, **UNET_PRESETS[preset])
