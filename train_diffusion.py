@@ -1,0 +1,189 @@
+"""
+Stage 2 of PVDM: train the triplane UNet on the frozen autoencoder's latents, jointly unconditional and
+conditioned on the previous clip (paper section 3.3), so sample.py can make videos of any length.
+
+    python train_diffusion.py                                    # after train_autoencoder.py; tiny, CPU
+    python train_diffusion.py --data ucf101 --data-dir UCF-101 --autoencoder runs/ae_ucf/autoencoder.pt
+    torchrun --nproc_per_node 4 train_diffusion.py ...           # DDP over 4 GPUs
+"""
+import argparse
+import copy
+import os
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import pvdm
+from train_autoencoder import Meter, add_common_args, autocast, batches, check_finite, fail, log, mean_over_ranks, setup
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
+    add_common_args(p, out="runs/diffusion")
+    p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
+    p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
+    p.add_argument("--lr", type=float, default=5e-4, help="the paper uses 1e-4 at its size")
+    p.add_argument("--cond-prob", type=float, default=0.3, help="share of samples conditioned on the previous clip")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--latent-cache", action="store_true",
+                   help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
+                        "but every epoch sees the same windows")
+    p.add_argument("--cache-videos", type=int, help="encode only the first N videos into the cache")
+    p.add_argument("--preview-frames", type=int, default=32, help="length of the preview video at each save")
+    p.add_argument("--preview-steps", type=int, default=50, help="DDIM steps for the preview")
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    if not 0 <= args.cond_prob <= 1:
+        raise SystemExit(f"error: --cond-prob must lie in [0, 1] (got {args.cond_prob}).")
+    return args
+
+
+def load_frozen_autoencoder(args, device):
+    """The stage-1 model, frozen. Its clip size fixes the data's; conflicting flags are an error."""
+    autoencoder = pvdm.load_autoencoder(args.autoencoder, device).requires_grad_(False)
+    cfg = autoencoder.cfg
+    for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
+        if getattr(args, flag) not in (None, want):
+            raise SystemExit(f"error: --{flag} {getattr(args, flag)} differs from the autoencoder's {want} "
+                             f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
+    return autoencoder
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Latent pairs encoded once: (z_prev, z, has_prev) per video, with the dataset interface batches() uses."""
+
+    def __init__(self, path):
+        self.prev, self.next, self.has_prev = torch.load(path, weights_only=True).values()
+
+    def __len__(self):
+        return len(self.next)
+
+    def __getitem__(self, i):
+        return self.prev[i], self.next[i], self.has_prev[i]
+
+    def set_epoch(self, epoch):
+        pass  # the windows were fixed when the cache was written
+
+
+@torch.no_grad()
+def encode_pairs(autoencoder, window, device, precision):
+    """A (B, 3, 2T, H, W) window -> packed latents of its first and second clip, (B, C, N) each."""
+    t = autoencoder.cfg.frames
+    with autocast(device, precision):
+        z_prev = pvdm.pack(autoencoder.encode(window[:, :, :t]))
+        z = pvdm.pack(autoencoder.encode(window[:, :, t:]))
+    return z_prev.float(), z.float()
+
+
+def build_latent_cache(autoencoder, dataset, path, device, precision, workers, limit=None):
+    """Encode one (previous, target) window per video, once."""
+    dataset = torch.utils.data.Subset(dataset, range(min(limit or len(dataset), len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
+    prev, nxt, flags = [], [], []
+    for i, (window, has_prev) in enumerate(loader):
+        z_prev, z = encode_pairs(autoencoder, window.to(device), device, precision)
+        prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
+        print(f"\rencoding latent cache: {min((i + 1) * 16, len(dataset))}/{len(dataset)} windows", end="", flush=True)
+    print()
+    pvdm.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags)}, path)
+
+
+def save_preview(out, step, autoencoder, diffusion, frames, steps):
+    """A short video from the EMA weights: clip 1 unconditional, then clips conditioned on the previous."""
+    from sample import save_frame_strip, write_video  # sample.py owns the video writers
+
+    gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
+    clips = [clip.cpu() for clip, _ in pvdm.generate_video(autoencoder, diffusion, frames, n=2, steps=steps,
+                                                          eta=1.0, generator=gen)]
+    video = torch.cat(clips, dim=2)  # (2, 3, frames, H, W)
+    save_frame_strip(os.path.join(out, f"sample_{step:07d}.png"), list(video))
+    write_video(os.path.join(out, f"sample_{step:07d}.mp4"), video)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "diffusion.pt")
+
+    # the frozen autoencoder, and the UNet sized for its latent planes
+    autoencoder = load_frozen_autoencoder(args, device)
+    ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
+    ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset)
+    dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob)
+    diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
+    unet = diffusion.model
+
+    # EMA copy (what gets sampled) and optimiser; on resume everything comes back from the checkpoint
+    ema = copy.deepcopy(diffusion).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    step = 0
+    if args.resume:
+        ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
+        if ckpt["unet_config"] != asdict(ucfg):
+            fail(f"{ckpt_path} holds a different UNet config; resume with the same flags.", world > 1)
+        unet.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    ddp = DDP(diffusion, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else diffusion
+    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
+        f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
+
+    # data: windows of two clips (previous, target), encoded on the fly or once into a cache
+    ae_cfg = autoencoder.cfg
+    try:
+        dataset = data.make_dataset(args.data, args.data_dir, resolution=ae_cfg.resolution, frames=ae_cfg.frames,
+                                    split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed)
+    except data.DataError as e:
+        fail(str(e), world > 1)
+    if args.latent_cache:
+        cache = os.path.join(args.out, "latents.pt")
+        if rank == 0 and not os.path.exists(cache):
+            build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, args.cache_videos)
+        if world > 1:
+            dist.barrier()
+        dataset = LatentCache(cache)
+    stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
+
+    meter = Meter(device, step, args.batch_size)
+    while step < args.steps:
+        if args.latent_cache:
+            z_prev, z, has_prev = (b.to(device) for b in next(stream))
+        else:
+            window, has_prev = next(stream)
+            z_prev, z = encode_pairs(autoencoder, window.to(device), device, args.precision)
+            has_prev = has_prev.to(device)
+        with autocast(device, args.precision):
+            loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        pvdm.update_ema(ema.model, unet, args.ema_decay, step)
+        step += 1
+
+        loss_value = mean_over_ranks(loss, world)
+        check_finite(loss_value, step)
+        if step % args.log_every == 0 or step == args.steps:
+            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | {meter.line(step)}")
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+            ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
+                    "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+                    "step": step, "args": vars(args),
+                    "autoencoder": ae_record}
+            pvdm.save_checkpoint(ckpt, ckpt_path)
+            save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
+            log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
+    if world > 1:
+        dist.destroy_process_group()
+    return ema
+
+
+if __name__ == "__main__":
+    main()
