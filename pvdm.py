@@ -272,8 +272,8 @@ class ProjectedAutoencoder(nn.Module):
         return self.cfg.grad_checkpointing and self.training
 
     def forward(self, x):
-        """Reconstruction loss: L1 (the paper's pixel loss) plus an L2 term, which pulls a model out of
-        the 'background only' solution that L1 alone gets stuck in on sparse moving content."""
+        """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
+        of the 'background only' solution that L1 alone gets stuck in on sparse moving content."""
         x_hat = self.decode_unclamped(self.encode(x))
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
         return loss, x_hat
@@ -559,7 +559,7 @@ class AutoencoderConfig:
     heads: int = 4
     proj_depth: int = 1  # transformer blocks in each axis projection
     latent_channels: int = 4
-    l1_weight: float = 1.0
+    l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
     grad_checkpointing: bool = False
 
@@ -614,7 +614,7 @@ AUTOENCODER_PRESETS = {
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4),
 }
 UNET_PRESETS = {
-    "tiny": dict(base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=4),
+    "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=4),
     "paper": dict(base_channels=256, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2), heads=8),
 }
 

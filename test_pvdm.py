@@ -1,5 +1,8 @@
 """Tests of the properties a reader of PVDM cares about. Run: python -m pytest -q (CPU, a few minutes)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -320,10 +323,6 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Training scripts, end to end through the command line
 # ---------------------------------------------------------------------------------------------
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--resolution", "16", "--frames", "8", "--batch-size", "2", "--log-every", "1", "--workers", "0"]
 
