@@ -22,7 +22,7 @@ For diffusion the three planes are flattened and packed into one tensor (B, C, h
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

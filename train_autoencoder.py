@@ -27,12 +27,12 @@ import pvdm
 # ----------------------------------------------------------------------------------------------
 
 
-def add_common_args(p, out, steps):
+def add_common_args(p, out, steps, batch_size):
     """Flags both stages share. --batch-size is the global batch, split evenly over the ranks."""
     data.add_data_args(p)
     p.add_argument("--resolution", type=int, help="frame size (default: the preset's)")
     p.add_argument("--frames", type=int, help="frames per clip (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--steps", type=int, default=steps, help="optimiser steps in total")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -143,7 +143,7 @@ def log(rank, out, text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    add_common_args(p, out="runs/autoencoder", steps=1200)
+    add_common_args(p, out="runs/autoencoder", steps=1000, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
     p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
@@ -171,7 +171,7 @@ def model_config(args):
 
 
 @torch.no_grad()
-def evaluate(model, clips, device, precision):
+def held_out_psnr(model, clips, device, precision):
     """Held-out reconstruction PSNR, plus the reconstructions for the preview."""
     model.eval()
     with autocast(device, precision):
@@ -256,7 +256,7 @@ def main(argv=None):
             gan = f" | d_loss {mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
             log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f}{gan} | {meter.line(step)}")
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            psnr, recon = evaluate(model, eval_clips, device, args.precision)
+            psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
             save_preview(args.out, step, eval_clips, recon)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "args": vars(args),
