@@ -550,12 +550,15 @@ def main():
     parser.add_argument("--gpu-mem", type=float, default=24, help="GPU memory (GB) for the largest-batch search")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the timings")
     parser.add_argument("--batch", type=int, default=4, help="batch of the timed steps")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the timings (torch's default)")
     parser.add_argument("--resolutions", default="128,256", help="estimated at these, 16 frames, paper presets")
     parser.add_argument("--quick", action="store_true", help="tiny presets at 32x32 only: a smoke test")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of the tiny steps")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:  # on a CPU shared with other jobs, fewer threads than cores can be much faster
+        torch.set_num_threads(args.threads)
     precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 matrix products are slow on most CPUs
     tiny_res = pvdm.AUTOENCODER_PRESETS["tiny"]["resolution"]
     big, resolutions = ("tiny", [tiny_res]) if args.quick else ("paper", [int(r) for r in args.resolutions.split(",")])

@@ -192,11 +192,9 @@ class AxisProjection(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x):
+    def forward(self, x, use_checkpoint=False):
         x = torch.cat([self.summary.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (N, 1 + L, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x[:, 0])  # (N, D): the summary token's output
+        return self.norm(run_blocks(self.blocks, x, use_checkpoint)[:, 0])  # (N, D): the summary token's output
 
 
 def broadcast_sum(s, hp, wp):
@@ -253,7 +251,7 @@ class ProjectedAutoencoder(nn.Module):
         collapsed, to_seq, to_plane = PROJECTIONS[key]
         kept = {axis: n for axis, n in zip("thw", tokens.shape[1:4]) if axis != collapsed}
         seq = rearrange(tokens, to_seq)  # (B * a * b, L, D), L the collapsed axis
-        plane = rearrange(self.project[key](seq), to_plane, **kept)  # (B, D, a, b)
+        plane = rearrange(self.project[key](seq, self.use_checkpoint), to_plane, **kept)  # (B, D, a, b)
         return torch.tanh(self.to_latent[key](plane))  # (B, C, a, b): tanh bounds the latent, no KL needed
 
     def decode(self, planes):
@@ -343,12 +341,15 @@ class TokenAttention(nn.Module):
     def __init__(self, channels, heads):
         super().__init__()
         self.norm, self.heads = norm(channels), heads
-        self.qkv, self.proj = nn.Conv1d(channels, 3 * channels, 1), nn.Conv1d(channels, channels, 1)
+        self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
 
     def forward(self, x):
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) l -> three b h l d", three=3, h=self.heads)
+        # channels-last, so each head's features are contiguous: scaled_dot_product_attention only takes its
+        # fused (flash / memory-efficient) kernels for such strides, else it builds the full L x L matrix
+        tokens = self.norm(x).transpose(1, 2)  # (B, L, C)
+        q, k, v = rearrange(self.qkv(tokens), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
-        return x + self.proj(rearrange(out, "b h l d -> b (h d) l"))  # (B, C, L)
+        return x + self.proj(rearrange(out, "b h l d -> b l (h d)")).transpose(1, 2)  # (B, C, L)
 
 
 class Attention2d(TokenAttention):

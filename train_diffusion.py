@@ -22,7 +22,7 @@ from train_autoencoder import Meter, add_common_args, autocast, batches, check_f
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=1500, batch_size=8)
+    add_common_args(p, out="runs/diffusion", steps=700, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=float, default=5e-4, help="the paper uses 1e-4 at its size")
