@@ -935,7 +935,7 @@ def test_mismatched_pair_is_refused(pair, tmp_path):
 def test_defaults_after_quick_start(tmp_path):
     """`python sample.py --frames N` with no other flag reads runs/ and writes samples/."""
     save_pair(tmp_path)
-    result = subprocess.run_sampler([sys.executable, os.path.join(HERE, "sample.py"), "--frames", "12", "--steps", "2"],
+    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--frames", "12", "--steps", "2"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
