@@ -399,6 +399,16 @@ def test_training_scripts_write_self_describing_checkpoints_and_previews(trained
     assert "step      3 | held-out PSNR" in (ae_dir / "log.txt").read_text()
 
 
+def test_adversarial_phase_switches_on_at_gan_start(tmp_path):
+    run("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2", "--gan-start", "2",
+        "--out", str(tmp_path))
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert "d_loss" not in next(line for line in lines if line.startswith("step      1 |"))
+    assert "d_loss" in next(line for line in lines if line.startswith("step      3 | loss"))
+    ckpt = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
+    assert ckpt["disc"].keys() and ckpt["disc_optimizer"]["state"]  # the discriminator trained and was saved
+
+
 def test_resume_continues_the_step_count_and_optimiser(trained, tmp_path):
     ae_dir, _ = trained
     out = tmp_path / "ae"
