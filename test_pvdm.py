@@ -135,13 +135,13 @@ def test_summary_token_is_read_at_the_position_it_is_prepended():
 
 
 def test_tiny_autoencoder_overfits_one_clip():
-    """A moving blob, 300 steps: measured 22.7 dB (from 5.8 dB at init). The threshold leaves a margin."""
+    """A moving blob, 300 steps: measured 30.0 dB (from about 6 dB at init). The threshold leaves a margin."""
     torch.manual_seed(0)
     ae = tiny_ae(resolution=16, frames=8, patch=2, dim=32)
     t = torch.linspace(0, 1, 8)[:, None, None]
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     blob = torch.exp(-((xx - (t * 1.2 - 0.6)) ** 2 + yy**2) / 0.1)  # (8, 16, 16): a moving blob
-    x = torch.stack([blob, -blob, blob * 0.5]).unsqueeze(0) * 1.6 - 0.8  # (1, 3, 8, 16, 16)
+    x = (torch.stack([blob, 1 - blob, blob * 0.5]) * 1.6 - 0.8).unsqueeze(0)  # (1, 3, 8, 16, 16) in [-0.8, 0.8]
     opt = torch.optim.AdamW(ae.parameters(), lr=2e-3)
     start = pvdm.psnr(ae.decode(ae.encode(x)), x)
     for _ in range(300):
@@ -150,7 +150,7 @@ def test_tiny_autoencoder_overfits_one_clip():
         loss.backward()
         opt.step()
     end = pvdm.psnr(ae.eval().decode(ae.encode(x)), x)
-    assert end > 21 and end > start + 12, (start, end)
+    assert end > 26 and end > start + 15, (start, end)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
