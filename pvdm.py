@@ -263,7 +263,8 @@ class ProjectedAutoencoder(nn.Module):
         tokens = rearrange(volume, "b d t h w -> b t h w d") + self.dec_pos_t + self.dec_pos_s
         tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
         p = self.cfg.patch
-        return rearrange(self.to_pixels(tokens), "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)
+        pixels = self.to_pixels(tokens)  # (B, t, h, w, p*p*3): one patch of pixels per token
+        return rearrange(pixels, "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)  # (B, 3, T, H, W)
 
     @property
     def use_checkpoint(self):
@@ -500,7 +501,8 @@ class GaussianDiffusion(nn.Module):
         if guidance == 0:
             return self.model(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device))
         flags = torch.cat([torch.ones(b), torch.zeros(b)]).bool().to(z.device)  # both passes in one batch
-        eps_c, eps_u = self.model(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags).chunk(2)
+        eps = self.model(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags)  # (2B, C, N)
+        eps_c, eps_u = eps.chunk(2)  # (B, C, N) each: with and without the condition
         return (1 + guidance) * eps_c - guidance * eps_u
 
     @torch.no_grad()
