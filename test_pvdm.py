@@ -270,6 +270,35 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_seed():
     assert a.abs().max() <= 1 + 1e-5  # the last step returns the clipped z_0 estimate
 
 
+class ExactDenoiser(torch.nn.Module):
+    """The ideal epsilon-predictor for a dataset of a few points: E[eps | z_t] under q, in closed form."""
+
+    def __init__(self, points, alpha_bar, cfg):
+        super().__init__()
+        self.points, self.alpha_bar, self.cfg = points, alpha_bar, cfg  # points (K, C, N); cfg: the UNet's
+
+    def forward(self, z, t, cond, has_cond):
+        ab = self.alpha_bar[t][:, None]  # (B, 1)
+        dist = (z[:, None] - ab[:, :, None, None].sqrt() * self.points).pow(2).flatten(2).sum(2)  # (B, K)
+        weights = torch.softmax(-dist / (2 * (1 - ab)), dim=1)  # posterior over the points given z_t
+        z0 = torch.einsum("bk,kcn->bcn", weights, self.points)  # E[z_0 | z_t]
+        return (z - ab[:, :, None].sqrt() * z0) / (1 - ab[:, :, None]).sqrt()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampler_with_the_exact_denoiser_lands_on_the_data(eta):
+    """End to end, the sampler is right: fed the ideal denoiser of four latents, DDIM (eta 0) and the
+    stochastic sampler (eta 1) both finish on one of the four, and between them reach more than one."""
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))
+    points = torch.rand(4, 4, diffusion.model.cfg.num_tokens) * 1.6 - 0.8
+    diffusion.model = ExactDenoiser(points, diffusion.alpha_bar, diffusion.model.cfg)
+    samples = diffusion.sample(16, steps=50, eta=eta, generator=torch.Generator().manual_seed(1))
+    nearest = torch.cdist(samples.flatten(1), points.flatten(1)).min(dim=1)  # (16,) distances and indices
+    assert nearest.values.max() < 1e-3
+    assert len(set(nearest.indices.tolist())) > 1
+
+
 def test_guidance_is_the_classifier_free_combination():
     torch.manual_seed(0)
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))
@@ -362,7 +391,8 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
 # Training scripts, end to end through the command line
 # ---------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--resolution", "16", "--frames", "8", "--batch-size", "2", "--log-every", "1", "--workers", "0"]
+TINY = ["--resolution", "16", "--frames", "8", "--latent-channels", "3", "--batch-size", "2", "--log-every", "1",
+        "--workers", "0"]
 
 
 def run(*args, check=True):
@@ -388,9 +418,10 @@ def trained(tmp_path_factory):
 def test_training_scripts_write_self_describing_checkpoints_and_previews(trained):
     ae_dir, dm_dir = trained
     ae = torch.load(ae_dir / "autoencoder.pt", weights_only=True)
-    assert ae["kind"] == "autoencoder" and ae["step"] == 3 and ae["config"]["resolution"] == 16
-    assert math.isfinite(ae["psnr"])
     dm = torch.load(dm_dir / "diffusion.pt", weights_only=True)
+    assert ae["kind"] == "autoencoder" and ae["step"] == 3 and ae["config"]["resolution"] == 16
+    assert ae["config"]["latent_channels"] == 3 and dm["unet_config"]["latent_channels"] == 3  # C follows the flag
+    assert math.isfinite(ae["psnr"])
     assert dm["kind"] == "diffusion" and dm["step"] == 2
     assert dm["autoencoder"]["fingerprint"] == ae["fingerprint"]  # it names the autoencoder it used
     assert dm["model"].keys() == dm["ema"].keys()
@@ -434,6 +465,20 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
     cache = torch.load(tmp_path / "latents.pt", weights_only=True)
     assert cache["next"].shape[0] == 8 and cache["next"].abs().max() <= 1
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from argparse import Namespace
+
+    from train_autoencoder import learning_rate
+
+    args = Namespace(lr=1e-3, warmup=10, steps=110, lr_decay="cosine")
+    rates = [learning_rate(step, args) for step in range(args.steps + 1)]
+    assert rates[:10] == pytest.approx([1e-4 * (k + 1) for k in range(10)])  # linear warm-up to the peak
+    assert rates[10] == pytest.approx(1e-3) and rates[60] == pytest.approx(5e-4)  # half-way down at the midpoint
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[110] == pytest.approx(0, abs=1e-12)
+    args.lr_decay = "constant"
+    assert learning_rate(100, args) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("flags, message", [

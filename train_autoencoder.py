@@ -10,6 +10,7 @@ train_diffusion.py imports it, so each training script stays one linear story.
 """
 import argparse
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict
@@ -34,6 +35,9 @@ def add_common_args(p, out, steps, batch_size):
     p.add_argument("--frames", type=int, help="frames per clip (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--steps", type=int, default=steps, help="optimiser steps in total")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
+                   help="after warm-up: cosine decay to zero at --steps, or a constant rate (the paper's)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
@@ -100,6 +104,16 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
             step += 1
 
 
+def learning_rate(step, args):
+    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_decay == "constant":
+        return args.lr
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def mean_over_ranks(value, world):
     """The logged loss is the average over all ranks, not rank 0's alone."""
     value = value.detach().float().clone()
@@ -143,10 +157,11 @@ def log(rank, out, text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    add_common_args(p, out="runs/autoencoder", steps=1000, batch_size=4)
+    add_common_args(p, out="runs/autoencoder", steps=3000, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
-    p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--latent-channels", type=int, help="channels C of each latent plane (default: the preset's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="the paper uses 1e-4 at its size")
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas; paper (0.5, 0.9)")
     # The paper trains with L1 (+ LPIPS). On sparse moving content L1 pulls the model to the "background
     # only" solution, which L2 escapes, so L2 is the default here; --l1-weight 1 --l2-weight 0 follows the paper.
@@ -163,7 +178,8 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
                grad_checkpointing=args.grad_checkpointing)
-    cfg.update({k: v for k, v in (("resolution", args.resolution), ("frames", args.frames)) if v is not None})
+    flags = (("resolution", args.resolution), ("frames", args.frames), ("latent_channels", args.latent_channels))
+    cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
     except ValueError as e:
@@ -240,6 +256,9 @@ def main(argv=None):
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        lr = learning_rate(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
         scaler.step(opt)
         scaler.update()
         if gan_on:  # the discriminator's own step, on detached reconstructions
@@ -254,7 +273,7 @@ def main(argv=None):
         check_finite(loss_value, step)
         if step % args.log_every == 0 or step == args.steps:
             gan = f" | d_loss {mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
-            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f}{gan} | {meter.line(step)}")
+            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f}{gan} | lr {lr:.2e} | {meter.line(step)}")
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
             save_preview(args.out, step, eval_clips, recon)

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import pvdm
-from train_autoencoder import Meter, add_common_args, autocast, batches, check_finite, fail, log, mean_over_ranks, setup
+from train_autoencoder import (Meter, add_common_args, autocast, batches, check_finite, fail, learning_rate, log,
+                               mean_over_ranks, setup)
 
 
 def parse_args(argv=None):
@@ -92,12 +93,13 @@ def build_latent_cache(autoencoder, dataset, path, device, precision, workers, l
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
-    """A short video from the EMA weights: clip 1 unconditional, then clips conditioned on the previous."""
+    """A short video from the EMA weights, sampled as sample.py does by default (DDIM, eta 0): clip 1
+    unconditional, then clips conditioned on the previous."""
     from sample import save_frame_strip, write_video  # sample.py owns the video writers
 
     gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
     clips = [clip.cpu() for clip, _ in pvdm.generate_video(autoencoder, diffusion, frames, n=2, steps=steps,
-                                                          eta=1.0, generator=gen)]
+                                                          eta=0.0, generator=gen)]
     video = torch.cat(clips, dim=2)  # (2, 3, frames, H, W)
     save_frame_strip(os.path.join(out, f"sample_{step:07d}.png"), list(video))
     write_video(os.path.join(out, f"sample_{step:07d}.mp4"), video)
@@ -163,6 +165,9 @@ def main(argv=None):
             loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        lr = learning_rate(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
         scaler.step(opt)
         scaler.update()
         pvdm.update_ema(ema.model, unet, args.ema_decay, step)
@@ -171,7 +176,7 @@ def main(argv=None):
         loss_value = mean_over_ranks(loss, world)
         check_finite(loss_value, step)
         if step % args.log_every == 0 or step == args.steps:
-            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | {meter.line(step)}")
+            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | {meter.line(step)}")
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
