@@ -23,10 +23,10 @@ from train_autoencoder import (Meter, add_common_args, autocast, batches, check_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=700, batch_size=8)
+    add_common_args(p, out="runs/diffusion", steps=500, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
-    p.add_argument("--lr", type=float, default=5e-4, help="the paper uses 1e-4 at its size")
+    p.add_argument("--lr", type=float, default=1e-3, help="the paper uses 1e-4 at its size")
     p.add_argument("--cond-prob", type=float, default=0.3, help="share of samples conditioned on the previous clip")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
