@@ -105,7 +105,9 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
 
 
 def learning_rate(step, args):
-    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0."""
+    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0.
+    A pure function of the step, so a resumed run continues the same curve. Ending at a small rate settles
+    the weights: the tiny autoencoder gained 1.6 dB over a constant rate in 3,000 steps (README)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.lr_decay == "constant":
