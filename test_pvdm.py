@@ -459,12 +459,17 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     common = ["train_diffusion.py", "--batch-size", "2", "--log-every", "1", "--workers", "0", "--latent-cache",
               "--preview-frames", "8", "--preview-steps", "1", "--autoencoder", str(ae_dir / "autoencoder.pt"),
               "--out", str(tmp_path)]
-    # a small folder dataset keeps the cache quick: the synthetic set has 10,000 videos
-    run(*common, "--steps", "1", "--save-every", "1", "--data", "synthetic", "--cache-videos", "8")
-    run(*common, "--steps", "2", "--save-every", "2", "--data", "synthetic", "--cache-videos", "8", "--resume")
+    # --cache-videos 8 keeps the cache quick: the synthetic set has 10,000 videos
+    run(*common, "--steps", "1", "--save-every", "1", "--cache-videos", "8")
+    run(*common, "--steps", "2", "--save-every", "2", "--cache-videos", "8", "--resume")
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
     cache = torch.load(tmp_path / "latents.pt", weights_only=True)
     assert cache["next"].shape[0] == 8 and cache["next"].abs().max() <= 1
+    # a cache left by a run with other settings is refused in one line, not trained on silently
+    other = run(*common, "--steps", "3", "--save-every", "3", "--cache-videos", "4", "--resume", check=False)
+    assert other.returncode != 0 and "was encoded from other data" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert torch.load(tmp_path / "latents.pt", weights_only=True)["next"].shape[0] == 8  # left as it was
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():

@@ -54,10 +54,13 @@ def load_frozen_autoencoder(args, device):
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """Latent pairs encoded once: (z_prev, z, has_prev) per video, with the dataset interface batches() uses."""
+    """Latent pairs encoded once: (z_prev, z, has_prev) per video, with the dataset interface batches() uses.
+    `source` says what they were encoded from (autoencoder fingerprint, data, number of videos)."""
 
     def __init__(self, path):
-        self.prev, self.next, self.has_prev = torch.load(path, weights_only=True).values()
+        cache = torch.load(path, weights_only=True)
+        self.prev, self.next, self.has_prev = cache["prev"], cache["next"], cache["has_prev"]
+        self.source = cache.get("source")
 
     def __len__(self):
         return len(self.next)
@@ -79,9 +82,9 @@ def encode_pairs(autoencoder, window, device, precision):
     return z_prev.float(), z.float()
 
 
-def build_latent_cache(autoencoder, dataset, path, device, precision, workers, limit=None):
-    """Encode one (previous, target) window per video, once."""
-    dataset = torch.utils.data.Subset(dataset, range(min(limit or len(dataset), len(dataset))))
+def build_latent_cache(autoencoder, dataset, path, device, precision, workers, source):
+    """Encode one (previous, target) window for each of the first source["videos"] videos, once."""
+    dataset = torch.utils.data.Subset(dataset, range(source["videos"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
     prev, nxt, flags = [], [], []
     for i, (window, has_prev) in enumerate(loader):
@@ -89,7 +92,8 @@ def build_latent_cache(autoencoder, dataset, path, device, precision, workers, l
         prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
         print(f"\rencoding latent cache: {min((i + 1) * 16, len(dataset))}/{len(dataset)} windows", end="", flush=True)
     print()
-    pvdm.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags)}, path)
+    pvdm.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
+                          "source": source}, path)
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
@@ -146,11 +150,17 @@ def main(argv=None):
         fail(str(e), world > 1)
     if args.latent_cache:
         cache = os.path.join(args.out, "latents.pt")
+        videos = min(args.cache_videos or len(dataset), len(dataset))
+        source = {"autoencoder": ae_record["fingerprint"], "videos": videos,
+                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
         if rank == 0 and not os.path.exists(cache):
-            build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, args.cache_videos)
+            build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, source)
         if world > 1:
             dist.barrier()
         dataset = LatentCache(cache)
+        if dataset.source != source:  # a cache left by another run must not be trained on silently
+            fail(f"{cache} was encoded from other data, another --cache-videos or another autoencoder; "
+                 "delete it to re-encode, or pass another --out.", world > 1)
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     meter = Meter(device, step, args.batch_size)
