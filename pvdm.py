@@ -315,7 +315,7 @@ def hinge_g_loss(logits_fake):
 
 
 def norm(channels):
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)  # groups must divide, e.g. 144 = 96 + 48
 
 
 class ResBlock(nn.Module):
@@ -344,10 +344,12 @@ class TokenAttention(nn.Module):
         self.norm, self.heads = norm(channels), heads
         self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
+        """x (B, C, L); pos (C, L), an optional position embedding added after the norm."""
+        tokens = self.norm(x) if pos is None else self.norm(x) + pos
         # channels-last, so each head's features are contiguous: scaled_dot_product_attention only takes its
         # fused (flash / memory-efficient) kernels for such strides, else it builds the full L x L matrix
-        tokens = self.norm(x).transpose(1, 2)  # (B, L, C)
+        tokens = tokens.transpose(1, 2)  # (B, L, C)
         q, k, v = rearrange(self.qkv(tokens), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
         return x + self.proj(rearrange(out, "b h l d -> b l (h d)")).transpose(1, 2)  # (B, C, L)
@@ -362,11 +364,19 @@ class Attention2d(TokenAttention):
 
 class CrossPlaneAttention(TokenAttention):
     """The only place the three planes exchange information: their tokens are concatenated into one
-    sequence, attended over jointly, and split back."""
+    sequence, attended over jointly, and split back. Each axis (t, h, w) has a learned embedding that every
+    plane keeping that axis shares: a token of z_s in column x and a token of z_h in column x carry the same
+    w-embedding, so attention can line up the places where the planes describe the same pixels."""
+
+    def __init__(self, channels, heads, t, h, w):
+        super().__init__(channels, heads)
+        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(0.02 * torch.randn(channels, n)) for n in (t, h, w))
 
     def forward(self, planes):
+        grid = lambda rows, cols: (rows[:, :, None] + cols[:, None, :]).flatten(1)  # (C, a*b)
+        pos = torch.cat([grid(self.pos_h, self.pos_w), grid(self.pos_t, self.pos_w), grid(self.pos_t, self.pos_h)], 1)
         tokens = torch.cat([p.flatten(2) for p in planes], dim=2)  # (B, C, hw + tw + th)
-        tokens = super().forward(tokens).split([p[0, 0].numel() for p in planes], dim=2)
+        tokens = super().forward(tokens, pos).split([p[0, 0].numel() for p in planes], dim=2)
         return [tok.view_as(p) for tok, p in zip(tokens, planes)]
 
 
@@ -374,11 +384,11 @@ class TriplaneBlock(nn.Module):
     """A ResBlock (and 2D attention at low resolution) run on each plane with shared weights,
     then cross-plane attention."""
 
-    def __init__(self, cin, cout, emb_dim, heads, attend):
+    def __init__(self, cin, cout, emb_dim, heads, attend, sizes):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim)
         self.attn = Attention2d(cout, heads) if attend else nn.Identity()
-        self.mix = CrossPlaneAttention(cout, heads)
+        self.mix = CrossPlaneAttention(cout, heads, *sizes)  # sizes: (t, h, w) of the planes at this level
 
     def forward(self, planes, emb):
         return self.mix([self.attn(self.res(p, emb)) for p in planes])
@@ -404,9 +414,9 @@ class Upsample(nn.Module):
 
 
 class TriplaneUNet(nn.Module):
-    """epsilon(z_t, t, condition) for packed latents (B, C, N). The three planes go through the same 2D
-    UNet; the condition clip's latent is concatenated on channels, and an explicit has-condition flag
-    (a learned embedding added to the timestep embedding) tells the model whether it is real."""
+    """eps (or v) of z_t given t and a condition, for packed latents (B, C, N). The three planes go through
+    the same 2D UNet; the condition clip's latent is concatenated on channels, and an explicit has-condition
+    flag (a learned embedding added to the timestep embedding) tells the model whether it is real."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -416,21 +426,25 @@ class TriplaneUNet(nn.Module):
         self.cond_flag = nn.Embedding(2, emb_dim)
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
+        def block(cin, cout, level, attend):
+            sizes = (cfg.frames >> level, cfg.size >> level, cfg.size >> level)  # (t, h, w) halve at each level
+            return TriplaneBlock(cin, cout, emb_dim, heads, attend, sizes)
+
         self.down, skips, c = nn.ModuleList(), [base], base
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(TriplaneBlock(c, base * mult, emb_dim, heads, level in cfg.attention_levels))
+                self.down.append(block(c, base * mult, level, level in cfg.attention_levels))
                 c = base * mult
                 skips.append(c)
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(Downsample())
                 skips.append(c)
-        self.middle = nn.ModuleList([TriplaneBlock(c, c, emb_dim, heads, True), TriplaneBlock(c, c, emb_dim, heads, False)])
+        self.middle = nn.ModuleList([block(c, c, level, True), block(c, c, level, False)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 cin = c + skips.pop()
-                self.up.append(TriplaneBlock(cin, base * mult, emb_dim, heads, level in cfg.attention_levels))
+                self.up.append(block(cin, base * mult, level, level in cfg.attention_levels))
                 c = base * mult
             if level > 0:
                 self.up.append(Upsample(c))
@@ -463,7 +477,9 @@ class TriplaneUNet(nn.Module):
 
 
 class GaussianDiffusion(nn.Module):
-    """DDPM (Ho et al. 2020) on packed latents z (B, C, N) with epsilon-prediction.
+    """DDPM (Ho et al. 2020) on packed latents z (B, C, N). The UNet predicts either the noise eps (the
+    paper's choice, from latent diffusion) or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0
+    (Salimans & Ho 2022); the samplers always work with eps, converted in `predict_eps`.
     Symbols follow the papers: beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s."""
 
     def __init__(self, model, cfg):
@@ -490,18 +506,31 @@ class GaussianDiffusion(nn.Module):
         use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,)
         t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
         noise = torch.randn_like(z0)
-        eps = self.model(self.q_sample(z0, t, noise), t, prev, use_cond)
-        return F.mse_loss(eps.float(), noise.float())
+        out = self.model(self.q_sample(z0, t, noise), t, prev, use_cond)
+        if self.cfg.prediction == "eps":
+            target = noise
+        else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
+            ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * z0
+        return F.mse_loss(out.float(), target.float())
+
+    def predict_eps(self, z, t, cond, has_cond):
+        """The UNet's output as a noise prediction, whatever it was trained to predict."""
+        out = self.model(z, t, cond, has_cond)
+        if self.cfg.prediction == "eps":
+            return out
+        ab = self.alpha_bar[t][:, None, None].to(out.dtype)  # (B, 1, 1)
+        return (1 - ab).sqrt() * z + ab.sqrt() * out  # from z_t = sqrt(ab) z_0 + sqrt(1 - ab) eps and v
 
     def guided_eps(self, z, t, cond, guidance):
         """Classifier-free guidance, written once for every sampler: eps = (1 + w) eps(z, c) - w eps(z)."""
         b = z.shape[0]
         if cond is None:
-            return self.model(z, t, torch.zeros_like(z), torch.zeros(b, dtype=torch.bool, device=z.device))
+            return self.predict_eps(z, t, torch.zeros_like(z), torch.zeros(b, dtype=torch.bool, device=z.device))
         if guidance == 0:
-            return self.model(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device))
+            return self.predict_eps(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device))
         flags = torch.cat([torch.ones(b), torch.zeros(b)]).bool().to(z.device)  # both passes in one batch
-        eps = self.model(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags)  # (2B, C, N)
+        eps = self.predict_eps(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags)  # (2B, C, N)
         eps_c, eps_u = eps.chunk(2)  # (B, C, N) each: with and without the condition
         return (1 + guidance) * eps_c - guidance * eps_u
 
@@ -612,6 +641,11 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     cond_prob: float = 0.3  # paper: 0.3 on UCF-101, 0.2 on SkyTimelapse
+    prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
 
 
 AUTOENCODER_PRESETS = {

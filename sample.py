@@ -159,7 +159,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                    help="ddim: --steps steps with noise --eta; ddpm: all T steps with eta 1 (slow)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 50; the paper: 400)")
-    p.add_argument("--eta", type=float, help="DDIM noise, 0 deterministic to 1 DDPM-like (default 0; the paper: 1)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, as the paper)")
     p.add_argument("--cfg", type=float, default=0.0,
                    help="classifier-free guidance weight w on the previous clip (clips 2 onward)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +217,7 @@ def sampler_settings(args, timesteps):
     steps = args.steps or 50
     if steps > timesteps:
         raise SystemExit(f"error: --steps {steps} exceeds the model's {timesteps} diffusion steps; use at most that.")
-    return steps, 0.0 if args.eta is None else args.eta
+    return steps, 1.0 if args.eta is None else args.eta
 
 
 def batch_generator(seed, index, device):

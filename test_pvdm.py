@@ -53,13 +53,13 @@ def tiny_ae(**overrides):
     return pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**cfg))
 
 
-def tiny_diffusion(ae_cfg, cond_prob=0.3, randomise_output=True):
+def tiny_diffusion(ae_cfg, cond_prob=0.3, randomise_output=True, prediction="eps"):
     ucfg = pvdm.UNetConfig(latent_channels=ae_cfg.latent_channels, frames=ae_cfg.latent_size[0],
                            size=ae_cfg.latent_size[1], base_channels=16, channel_mult=(1, 2), heads=2)
     unet = pvdm.TriplaneUNet(ucfg)
     if randomise_output:  # the output conv starts at zero; give it weights so outputs depend on inputs
         torch.nn.init.normal_(unet.out[-1].weight, std=0.1)
-    return pvdm.GaussianDiffusion(unet, pvdm.DiffusionConfig(cond_prob=cond_prob))
+    return pvdm.GaussianDiffusion(unet, pvdm.DiffusionConfig(cond_prob=cond_prob, prediction=prediction))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +220,27 @@ def test_unet_shares_weights_across_planes_and_mixes_them():
     assert d[:, :, 16:].max() > 1e-4
 
 
+def test_cross_plane_attention_knows_where_each_token_is():
+    """Attention alone is blind to token order; the shared axis embeddings must make it see positions. Mirroring
+    z_s left to right must change z_h's output, and only because of those embeddings."""
+    torch.manual_seed(0)
+    attn = pvdm.CrossPlaneAttention(8, heads=2, t=4, h=3, w=3)
+    planes = [torch.randn(1, 8, 3, 3), torch.randn(1, 8, 4, 3), torch.randn(1, 8, 4, 3)]  # z_s, z_h, z_w
+    mirrored = [planes[0].flip(-1), planes[1], planes[2]]
+    with torch.no_grad():
+        assert not torch.allclose(attn(planes)[1], attn(mirrored)[1], atol=1e-5)
+        for pos in (attn.pos_t, attn.pos_h, attn.pos_w):
+            pos.zero_()
+        torch.testing.assert_close(attn(planes)[1], attn(mirrored)[1])
+
+
+def test_unet_builds_at_widths_that_are_not_powers_of_two():
+    """Group norm needs a group count that divides the channels, e.g. 144 = 96 + 48 on a base-48 skip."""
+    cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4, base_channels=48, channel_mult=(1, 2), heads=4)
+    z = torch.randn(2, 4, cfg.num_tokens)
+    assert pvdm.TriplaneUNet(cfg)(z, torch.tensor([1, 2]), z, torch.ones(2, dtype=torch.bool)).shape == z.shape
+
+
 def test_q_sample_matches_iterated_noising():
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))
     z0 = torch.tensor([0.8, -0.5, 0.0]).repeat(20000, 1)[:, None, :]  # (N, 1, 3)
@@ -271,32 +292,54 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_seed():
 
 
 class ExactDenoiser(torch.nn.Module):
-    """The ideal epsilon-predictor for a dataset of a few points: E[eps | z_t] under q, in closed form."""
+    """The ideal denoiser for a dataset of a few points: E[z_0 | z_t] under q in closed form, returned as the
+    eps or the v that a perfectly trained UNet would output."""
 
-    def __init__(self, points, alpha_bar, cfg):
+    def __init__(self, points, alpha_bar, cfg, prediction="eps"):
         super().__init__()
-        self.points, self.alpha_bar, self.cfg = points, alpha_bar, cfg  # points (K, C, N); cfg: the UNet's
+        self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction  # cfg: the UNet's
 
     def forward(self, z, t, cond, has_cond):
         ab = self.alpha_bar[t][:, None]  # (B, 1)
         dist = (z[:, None] - ab[:, :, None, None].sqrt() * self.points).pow(2).flatten(2).sum(2)  # (B, K)
         weights = torch.softmax(-dist / (2 * (1 - ab)), dim=1)  # posterior over the points given z_t
         z0 = torch.einsum("bk,kcn->bcn", weights, self.points)  # E[z_0 | z_t]
-        return (z - ab[:, :, None].sqrt() * z0) / (1 - ab[:, :, None]).sqrt()
+        a, s = ab[:, :, None].sqrt(), (1 - ab[:, :, None]).sqrt()  # z_t = a z_0 + s eps
+        return (z - a * z0) / s if self.prediction == "eps" else (a * z - z0) / s  # v = a eps - s z_0
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_sampler_with_the_exact_denoiser_lands_on_the_data(eta):
+@pytest.mark.parametrize("prediction, eta", [("eps", 0.0), ("eps", 1.0), ("v", 0.0), ("v", 1.0)])
+def test_sampler_with_the_exact_denoiser_lands_on_the_data(prediction, eta):
     """End to end, the sampler is right: fed the ideal denoiser of four latents, DDIM (eta 0) and the
-    stochastic sampler (eta 1) both finish on one of the four, and between them reach more than one."""
+    stochastic sampler (eta 1) both finish on one of the four, and between them reach more than one,
+    whether the UNet predicts eps or v."""
     torch.manual_seed(0)
-    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
     points = torch.rand(4, 4, diffusion.model.cfg.num_tokens) * 1.6 - 0.8
-    diffusion.model = ExactDenoiser(points, diffusion.alpha_bar, diffusion.model.cfg)
+    diffusion.model = ExactDenoiser(points, diffusion.alpha_bar, diffusion.model.cfg, prediction)
     samples = diffusion.sample(16, steps=50, eta=eta, generator=torch.Generator().manual_seed(1))
     nearest = torch.cdist(samples.flatten(1), points.flatten(1)).min(dim=1)  # (16,) distances and indices
     assert nearest.values.max() < 1e-3
     assert len(set(nearest.indices.tolist())) > 1
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_loss_is_zero_for_the_true_denoiser_of_one_latent(prediction):
+    """With a single training latent, E[z_0 | z_t] is that latent, so the exact denoiser's eps or v is the
+    training target itself: the loss must vanish, whichever target the config names."""
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
+    z0 = torch.rand(1, 4, diffusion.model.cfg.num_tokens) * 2 - 1
+    diffusion.model = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, prediction)
+    wrong = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, "v" if prediction == "eps" else "eps")
+    assert diffusion(z0.repeat(64, 1, 1), z0.repeat(64, 1, 1), torch.ones(64, dtype=torch.bool)) < 1e-8
+    diffusion.model = wrong  # the other target's output must not pass for this one
+    assert diffusion(z0.repeat(64, 1, 1), z0.repeat(64, 1, 1), torch.ones(64, dtype=torch.bool)) > 1e-2
+
+
+def test_diffusion_config_refuses_an_unknown_prediction():
+    with pytest.raises(ValueError, match="prediction"):
+        pvdm.DiffusionConfig(prediction="x0")
 
 
 def test_guidance_is_the_classifier_free_combination():
@@ -422,7 +465,7 @@ def test_training_scripts_write_self_describing_checkpoints_and_previews(trained
     assert ae["kind"] == "autoencoder" and ae["step"] == 3 and ae["config"]["resolution"] == 16
     assert ae["config"]["latent_channels"] == 3 and dm["unet_config"]["latent_channels"] == 3  # C follows the flag
     assert math.isfinite(ae["psnr"])
-    assert dm["kind"] == "diffusion" and dm["step"] == 2
+    assert dm["kind"] == "diffusion" and dm["step"] == 2 and dm["diffusion_config"]["prediction"] == "v"
     assert dm["autoencoder"]["fingerprint"] == ae["fingerprint"]  # it names the autoencoder it used
     assert dm["model"].keys() == dm["ema"].keys()
     assert (ae_dir / "recon_0000003.png").exists() and (ae_dir / "recon_0000003.mp4").exists()
@@ -470,6 +513,11 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert other.returncode != 0 and "was encoded from other data" in other.stderr
     assert "Traceback" not in other.stderr
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["next"].shape[0] == 8  # left as it was
+    # so is resuming a v-prediction run as an eps-prediction one
+    other = run(*common, "--steps", "3", "--save-every", "3", "--cache-videos", "8", "--resume",
+                "--prediction", "eps", check=False)
+    assert other.returncode != 0 and "different UNet or diffusion config" in other.stderr
+    assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():

@@ -23,11 +23,13 @@ from train_autoencoder import (Meter, add_common_args, autocast, batches, check_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=500, batch_size=8)
+    add_common_args(p, out="runs/diffusion", steps=1000, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
-    p.add_argument("--lr", type=float, default=1e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
     p.add_argument("--cond-prob", type=float, default=0.3, help="share of samples conditioned on the previous clip")
+    p.add_argument("--prediction", choices=("eps", "v"), default="v",
+                   help="what the UNet predicts: the paper's noise eps, or v, which learns shapes in far fewer steps")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -97,13 +99,13 @@ def build_latent_cache(autoencoder, dataset, path, device, precision, workers, s
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
-    """A short video from the EMA weights, sampled as sample.py does by default (DDIM, eta 0): clip 1
+    """A short video from the EMA weights, sampled as sample.py does by default (DDIM with eta 1): clip 1
     unconditional, then clips conditioned on the previous."""
     from sample import save_frame_strip, write_video  # sample.py owns the video writers
 
     gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
     clips = [clip.cpu() for clip, _ in pvdm.generate_video(autoencoder, diffusion, frames, n=2, steps=steps,
-                                                          eta=0.0, generator=gen)]
+                                                          eta=1.0, generator=gen)]
     video = torch.cat(clips, dim=2)  # (2, 3, frames, H, W)
     save_frame_strip(os.path.join(out, f"sample_{step:07d}.png"), list(video))
     write_video(os.path.join(out, f"sample_{step:07d}.mp4"), video)
@@ -119,7 +121,7 @@ def main(argv=None):
     autoencoder = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
     ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset)
-    dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob)
+    dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
@@ -129,8 +131,8 @@ def main(argv=None):
     step = 0
     if args.resume:
         ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
-        if ckpt["unet_config"] != asdict(ucfg):
-            fail(f"{ckpt_path} holds a different UNet config; resume with the same flags.", world > 1)
+        if ckpt["unet_config"] != asdict(ucfg) or ckpt["diffusion_config"] != asdict(dcfg):
+            fail(f"{ckpt_path} holds a different UNet or diffusion config; resume with the same flags.", world > 1)
         unet.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
