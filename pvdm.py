@@ -315,7 +315,7 @@ def hinge_g_loss(logits_fake):
 
 
 def norm(channels):
-    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)  # groups must divide, e.g. 144 = 96 + 48
+    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)  # a divisor: 144 = 96 + 48 gets 16
 
 
 class ResBlock(nn.Module):
@@ -439,7 +439,8 @@ class TriplaneUNet(nn.Module):
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(Downsample())
                 skips.append(c)
-        self.middle = nn.ModuleList([block(c, c, level, True), block(c, c, level, False)])
+        deepest = len(cfg.channel_mult) - 1
+        self.middle = nn.ModuleList([block(c, c, deepest, True), block(c, c, deepest, False)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):

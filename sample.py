@@ -260,6 +260,30 @@ class Progress:
         sys.stderr.flush()
 
 
+class Continuity:
+    """How much consecutive frames differ (mean absolute difference, grey levels 0-255), kept apart for pairs
+    inside a clip and pairs across a clip boundary. A model that continues its previous clip makes the two
+    alike; one that starts each clip afresh jumps at every boundary."""
+
+    def __init__(self):
+        self.sums, self.counts, self.last = {"within": 0.0, "across": 0.0}, {"within": 0, "across": 0}, {}
+
+    def add(self, video, frames):
+        """frames (T, H, W, 3) uint8: the next clip of the video named `video`."""
+        frames = frames.astype(np.float64)
+        diffs = {"within": np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))}  # (T - 1,)
+        if video in self.last:
+            diffs["across"] = np.abs(frames[0] - self.last[video]).mean(keepdims=True)
+        self.last[video] = frames[-1]
+        for key, d in diffs.items():
+            self.sums[key] += d.sum()
+            self.counts[key] += d.size
+
+    def means(self):
+        """{"within": mean change inside clips, "across": mean change at clip boundaries}, None where unseen."""
+        return {k: self.sums[k] / self.counts[k] if self.counts[k] else None for k in self.sums}
+
+
 def check_out_dir(out, names, formats):
     """Refuse a folder holding videos of another run: evaluate.py would mix them into the statistics."""
     ours = {f"{name}.{fmt}" for name in names for fmt in formats}
@@ -269,7 +293,7 @@ def check_out_dir(out, names, formats):
                          "pick an empty --out or remove them.")
 
 
-def sample_batch(args, autoencoder, diffusion, names, generator, progress, **sample_kwargs):
+def sample_batch(args, autoencoder, diffusion, names, generator, progress, continuity, **sample_kwargs):
     """Generate one batch of videos clip by clip, appending each decoded clip to its files at once."""
     clip_len = autoencoder.cfg.frames
     sheets = [[] for _ in names]  # a few frames per clip for each contact sheet: memory grows by 4 frames a clip
@@ -285,6 +309,7 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, **sam
                 frames = to_uint8(video[i])  # (<=T, H, W, 3)
                 for writer in writers[i]:
                     writer.append(frames)
+                continuity.add(name, frames)
                 sheets[i].append(video[i, :, :: max(1, clip_len // 4)].float().cpu())  # (3, <=4, H, W)
                 if args.save_latents:
                     save_latent_images(os.path.join(args.out, "latents", f"{name}_clip{k:02d}"),
@@ -310,23 +335,28 @@ def main(argv=None):
 
     # batch by batch; each batch has its own seeded generator so the result does not depend on timing
     batches = [names[i:i + args.batch_size] for i in range(0, len(names), args.batch_size)]
-    progress = Progress(len(batches) * n_clips * steps, n_clips)
+    progress, continuity = Progress(len(batches) * n_clips * steps, n_clips), Continuity()
     with autocast(device, args.precision):
         for b, batch in enumerate(batches):
             progress.new_batch(f"videos {b * args.batch_size + 1}-{b * args.batch_size + len(batch)} of {len(names)}")
             sample_batch(args, autoencoder, diffusion, batch, batch_generator(args.seed, b, device), progress,
-                         steps=steps, eta=eta, guidance=args.cfg)
+                         continuity, steps=steps, eta=eta, guidance=args.cfg)
     elapsed = time.time() - progress.start
     print(f"\nwrote {len(names)} video(s) of {args.frames} frames at {autoencoder.cfg.resolution}x"
           f"{autoencoder.cfg.resolution} to {args.out}/ in {fmt_time(elapsed)} "
           f"({elapsed / (len(names) * n_clips):.2f} s per clip per video)", file=sys.stderr)
+    change = continuity.means()
+    if change["across"] is not None:
+        print(f"frame-to-frame change: {change['within']:.1f} grey levels inside clips, {change['across']:.1f} "
+              "across clip boundaries (alike when each clip continues the one before)", file=sys.stderr)
 
     # how these videos were made: evaluate.py prints it with every FVD
     info = {"sampler": args.sampler, "steps": steps, "eta": eta, "cfg": args.cfg, "ema": not args.no_ema,
             "frames": args.frames, "resolution": autoencoder.cfg.resolution, "num_videos": args.num_videos,
             "seed": args.seed, "diffusion": args.diffusion, "autoencoder": args.autoencoder,
             "diffusion_step": train_step, "batch_size": args.batch_size, "precision": args.precision,
-            "device": str(device), "fps": args.fps}
+            "device": str(device), "fps": args.fps,
+            "frame_change": {k: None if v is None else round(v, 2) for k, v in change.items()}}
     with open(os.path.join(args.out, "samples.json"), "w") as f:
         json.dump(info, f, indent=2)
 

@@ -337,6 +337,15 @@ def test_training_loss_is_zero_for_the_true_denoiser_of_one_latent(prediction):
     assert diffusion(z0.repeat(64, 1, 1), z0.repeat(64, 1, 1), torch.ones(64, dtype=torch.bool)) > 1e-2
 
 
+def test_prediction_follows_the_preset_unless_given():
+    """The paper preset keeps the paper's eps; the tiny CPU preset predicts v; the flag overrides both."""
+    import train_diffusion
+    assert train_diffusion.parse_args([]).prediction == "v"
+    assert train_diffusion.parse_args(["--data", "ucf101", "--data-dir", "UCF-101"]).prediction == "eps"
+    assert train_diffusion.parse_args(["--prediction", "eps"]).prediction == "eps"
+    assert train_diffusion.parse_args(["--preset", "paper"]).prediction == "eps"
+
+
 def test_diffusion_config_refuses_an_unknown_prediction():
     with pytest.raises(ValueError, match="prediction"):
         pvdm.DiffusionConfig(prediction="x0")
@@ -992,6 +1001,20 @@ def test_long_video_has_exact_frames_and_size(pair, tmp_path):
     info = json.loads((tmp_path / "samples.json").read_text())
     assert (info["frames"], info["resolution"], info["num_videos"], info["steps"], info["ema"]) == (40, 32, 2, 3, True)
     assert {"sampler", "eta", "cfg", "seed", "diffusion", "autoencoder"} <= info.keys()
+    assert info["frame_change"]["within"] > 0 and info["frame_change"]["across"] > 0
+
+
+def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
+    """Frames that step by 10 grey levels, then a second clip that jumps by 70: 10 inside, 70 across. A video
+    that carries on at the same pace across the boundary reads the same inside and across."""
+    clip = lambda start: np.stack([np.full((4, 4, 3), start + 10 * k, np.uint8) for k in range(3)])  # (3, 4, 4, 3)
+    c = sample.Continuity()
+    c.add("jumps", clip(0))  # 0, 10, 20
+    c.add("jumps", clip(90))  # 90, 100, 110: 70 after 20
+    assert c.means() == {"within": 10.0, "across": 70.0}
+    smooth = sample.Continuity()
+    smooth.add("v", clip(0)), smooth.add("v", clip(30)), smooth.add("w", clip(100))  # "w" has no boundary
+    assert smooth.means() == {"within": 10.0, "across": 10.0}
 
 
 def test_same_seed_same_video_and_other_seed_differs(pair, tmp_path):

@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
     p.add_argument("--cond-prob", type=float, default=0.3, help="share of samples conditioned on the previous clip")
-    p.add_argument("--prediction", choices=("eps", "v"), default="v",
-                   help="what the UNet predicts: the paper's noise eps, or v, which learns shapes in far fewer steps")
+    p.add_argument("--prediction", choices=("eps", "v"),
+                   help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
+                        "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--preview-steps", type=int, default=50, help="DDIM steps for the preview")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
     if not 0 <= args.cond_prob <= 1:
         raise SystemExit(f"error: --cond-prob must lie in [0, 1] (got {args.cond_prob}).")
     return args
