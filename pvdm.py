@@ -315,7 +315,8 @@ def hinge_g_loss(logits_fake):
 
 
 def norm(channels):
-    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)  # a divisor: 144 = 96 + 48 gets 16
+    # the group count must divide the channels: a base-48 skip concat of 144 = 96 + 48 gets gcd(32, 144) = 16
+    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -520,8 +521,8 @@ class GaussianDiffusion(nn.Module):
         out = self.model(z, t, cond, has_cond)
         if self.cfg.prediction == "eps":
             return out
-        ab = self.alpha_bar[t][:, None, None].to(out.dtype)  # (B, 1, 1)
-        return (1 - ab).sqrt() * z + ab.sqrt() * out  # from z_t = sqrt(ab) z_0 + sqrt(1 - ab) eps and v
+        ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1), float32: in bf16, 1 - ab would lose the small t
+        return (1 - ab).sqrt() * z.float() + ab.sqrt() * out.float()  # from z_t = sqrt(ab) z_0 + sqrt(1 - ab) eps
 
     def guided_eps(self, z, t, cond, guidance):
         """Classifier-free guidance, written once for every sampler: eps = (1 + w) eps(z, c) - w eps(z)."""

@@ -159,7 +159,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                    help="ddim: --steps steps with noise --eta; ddpm: all T steps with eta 1 (slow)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 50; the paper: 400)")
-    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, as the paper)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, as in the paper)")
     p.add_argument("--cfg", type=float, default=0.0,
                    help="classifier-free guidance weight w on the previous clip (clips 2 onward)")
     p.add_argument("--seed", type=int, default=0)
@@ -266,18 +266,25 @@ class Continuity:
     alike; one that starts each clip afresh jumps at every boundary."""
 
     def __init__(self):
-        self.sums, self.counts, self.last = {"within": 0.0, "across": 0.0}, {"within": 0, "across": 0}, {}
+        self.sums = {"within": 0.0, "across": 0.0}
+        self.counts = {"within": 0, "across": 0}
+        self.last = {}  # video name -> its latest frame, until forget()
 
     def add(self, video, frames):
-        """frames (T, H, W, 3) uint8: the next clip of the video named `video`."""
+        """frames (<=T, H, W, 3) uint8: the next clip of the video named `video`."""
         frames = frames.astype(np.float64)
-        diffs = {"within": np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))}  # (T - 1,)
+        diffs = {"within": np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))}  # (<=T - 1,)
         if video in self.last:
             diffs["across"] = np.abs(frames[0] - self.last[video]).mean(keepdims=True)
-        self.last[video] = frames[-1]
+        self.last[video] = frames[-1].astype(np.uint8)
         for key, d in diffs.items():
             self.sums[key] += d.sum()
             self.counts[key] += d.size
+
+    def forget(self, videos):
+        """Drop the last frames of finished videos, so memory does not grow with --num-videos."""
+        for video in videos:
+            self.last.pop(video, None)
 
     def means(self):
         """{"within": mean change inside clips, "across": mean change at clip boundaries}, None where unseen."""
@@ -314,6 +321,7 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, conti
                 if args.save_latents:
                     save_latent_images(os.path.join(args.out, "latents", f"{name}_clip{k:02d}"),
                                        [p[i] for p in planes])
+    continuity.forget(names)
     for name, rows in zip(names, sheets):
         save_frame_strip(os.path.join(args.out, f"{name}.png"), rows)  # one row per clip
 

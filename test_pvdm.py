@@ -293,11 +293,11 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_seed():
 
 class ExactDenoiser(torch.nn.Module):
     """The ideal denoiser for a dataset of a few points: E[z_0 | z_t] under q in closed form, returned as the
-    eps or the v that a perfectly trained UNet would output."""
+    eps or the v that a perfectly trained UNet would output. `cfg` is the UNet config it stands in for."""
 
     def __init__(self, points, alpha_bar, cfg, prediction="eps"):
         super().__init__()
-        self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction  # cfg: the UNet's
+        self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction
 
     def forward(self, z, t, cond, has_cond):
         ab = self.alpha_bar[t][:, None]  # (B, 1)
@@ -1015,6 +1015,9 @@ def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
     smooth = sample.Continuity()
     smooth.add("v", clip(0)), smooth.add("v", clip(30)), smooth.add("w", clip(100))  # "w" has no boundary
     assert smooth.means() == {"within": 10.0, "across": 10.0}
+    smooth.forget(["v"])  # a finished video: its next "clip" starts a new video, with no boundary to count
+    smooth.add("v", clip(200))
+    assert smooth.counts["across"] == 1 and not smooth.last.keys() - {"v", "w"}
 
 
 def test_same_seed_same_video_and_other_seed_differs(pair, tmp_path):
