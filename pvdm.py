@@ -375,7 +375,8 @@ class CrossPlaneAttention(TokenAttention):
 
     def forward(self, planes):
         grid = lambda rows, cols: (rows[:, :, None] + cols[:, None, :]).flatten(1)  # (C, a*b)
-        pos = torch.cat([grid(self.pos_h, self.pos_w), grid(self.pos_t, self.pos_w), grid(self.pos_t, self.pos_h)], 1)
+        pos = torch.cat([grid(self.pos_h, self.pos_w), grid(self.pos_t, self.pos_w), grid(self.pos_t, self.pos_h)],
+                        dim=1)  # (C, hw + tw + th): z_s, z_h, z_w, in the order their tokens are concatenated
         tokens = torch.cat([p.flatten(2) for p in planes], dim=2)  # (B, C, hw + tw + th)
         tokens = super().forward(tokens, pos).split([p[0, 0].numel() for p in planes], dim=2)
         return [tok.view_as(p) for tok, p in zip(tokens, planes)]
