@@ -1013,7 +1013,9 @@ def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
     c.add("jumps", clip(90))  # 90, 100, 110: 70 after 20
     assert c.means() == {"within": 10.0, "across": 70.0}
     smooth = sample.Continuity()
-    smooth.add("v", clip(0)), smooth.add("v", clip(30)), smooth.add("w", clip(100))  # "w" has no boundary
+    smooth.add("v", clip(0))
+    smooth.add("v", clip(30))
+    smooth.add("w", clip(100))  # "w" has no boundary
     assert smooth.means() == {"within": 10.0, "across": 10.0}
     smooth.forget(["v"])  # a finished video: its next "clip" starts a new video, with no boundary to count
     smooth.add("v", clip(200))

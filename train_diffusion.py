@@ -133,7 +133,8 @@ def main(argv=None):
     step = 0
     if args.resume:
         ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
-        if ckpt["unet_config"] != asdict(ucfg) or ckpt["diffusion_config"] != asdict(dcfg):
+        # compared as configs, so a checkpoint written before a field existed reads it at its default
+        if pvdm.UNetConfig(**ckpt["unet_config"]) != ucfg or pvdm.DiffusionConfig(**ckpt["diffusion_config"]) != dcfg:
             fail(f"{ckpt_path} holds a different UNet or diffusion config; resume with the same flags.", world > 1)
         unet.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
