@@ -112,7 +112,7 @@ class ClipDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 class SyntheticVideos(ClipDataset):
-    """Coloured circles and squares bouncing off the walls of a plain background.
+    """Coloured circles and squares bouncing off the walls of a plain background: one per video by default.
 
     Video `index` is fixed by (seed, split, index): its background, shapes, colours and velocities.
     Positions are a closed-form function of the absolute frame number, so any clip of any length
@@ -123,8 +123,10 @@ class SyntheticVideos(ClipDataset):
     SPLIT_SIZES = {"train": 10_000, "test": 1_000}   # nominal, so that epochs exist
 
     def __init__(self, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
-                 seed=0, num_shapes=2, video_frames=128):
+                 seed=0, num_shapes=1, video_frames=128):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
+        if num_shapes < 1:
+            raise DataError(f"synthetic videos need at least one shape (got num_shapes={num_shapes}).")
         if video_frames < self.span(frames):
             raise DataError(f"synthetic videos of {video_frames} frames are shorter than one clip "
                             f"({self.span(frames)} frames); raise video_frames.")
@@ -520,7 +522,7 @@ def in_test_tenth(path, root):
 
 def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1,
                  pairs=False, seed=0, **options):
-    """The dataset `name` (one of DATASETS); `options` go to the synthetic set (num_shapes=3)."""
+    """The dataset `name` (one of DATASETS); `options` (num_shapes=...) go to the synthetic set."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
     clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs,
@@ -543,7 +545,14 @@ def add_data_args(parser):
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--num-shapes", type=int,
+                        help="synthetic data only: shapes per video (default 1; 2 is a harder set, see the README)")
     return parser
+
+
+def synthetic_options(args):
+    """The keyword options for make_dataset that the data flags set (only --num-shapes, synthetic only)."""
+    return {} if args.num_shapes is None else {"num_shapes": args.num_shapes}
 
 
 # ---------------------------------------------------------------------------------------------

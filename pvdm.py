@@ -91,7 +91,8 @@ def load_checkpoint(path, kind):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} holds a {found} checkpoint, not a {kind} one; pass a {kind} checkpoint.")
+        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; pass one that "
+                         f"train_{kind}.py wrote.")
     return ckpt
 
 
@@ -657,7 +658,8 @@ AUTOENCODER_PRESETS = {
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4, latent_channels=4),
 }
 UNET_PRESETS = {
-    "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=4),
+    # tiny: one attention head; four 8-wide heads took 1.4x the CPU step time for samples that looked the same
+    "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=1),
     "paper": dict(base_channels=256, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2), heads=8),
 }
 

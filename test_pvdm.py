@@ -433,7 +433,7 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.decode(back.encode(x)), ae.decode(ae.encode(x)))
     assert pvdm.fingerprint(back) == pvdm.fingerprint(ae)
-    with pytest.raises(SystemExit, match="not a diffusion one"):
+    with pytest.raises(SystemExit, match="of kind 'autoencoder', not 'diffusion'"):
         pvdm.load_checkpoint(path, "diffusion")
     with pytest.raises(SystemExit, match="no autoencoder checkpoint"):
         pvdm.load_autoencoder(tmp_path / "missing.pt")
@@ -460,7 +460,8 @@ def trained(tmp_path_factory):
     """A tiny autoencoder and diffusion model, each trained for a few steps through the scripts."""
     root = tmp_path_factory.mktemp("runs")
     ae_dir, dm_dir = root / "ae", root / "dm"
-    run("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2", "--out", str(ae_dir))
+    run("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2", "--num-shapes", "2",
+        "--out", str(ae_dir))
     run("train_diffusion.py", "--batch-size", "2", "--log-every", "1", "--workers", "0", "--steps", "2",
         "--save-every", "2", "--preview-frames", "12", "--preview-steps", "2",
         "--autoencoder", str(ae_dir / "autoencoder.pt"), "--out", str(dm_dir))
@@ -517,6 +518,7 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
     cache = torch.load(tmp_path / "latents.pt", weights_only=True)
     assert cache["next"].shape[0] == 8 and cache["next"].abs().max() <= 1
+    assert cache["source"]["num_shapes"] == 2  # the synthetic videos the autoencoder was trained on
     # a cache left by a run with other settings is refused in one line, not trained on silently
     other = run(*common, "--steps", "3", "--save-every", "3", "--cache-videos", "4", "--resume", check=False)
     assert other.returncode != 0 and "was encoded from other data" in other.stderr
@@ -558,7 +560,7 @@ def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path
     missing = run("train_diffusion.py", "--autoencoder", str(tmp_path / "nope.pt"), "--out", str(tmp_path), check=False)
     assert missing.returncode != 0 and "no autoencoder checkpoint" in missing.stderr
     wrong = run("train_diffusion.py", "--autoencoder", str(dm_dir / "diffusion.pt"), "--out", str(tmp_path), check=False)
-    assert wrong.returncode != 0 and "holds a diffusion checkpoint, not a autoencoder one" in wrong.stderr
+    assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
@@ -936,6 +938,18 @@ def test_add_data_args():
         ["--data", "ucf101", "--data-dir", "/d", "--split", "all", "--frame-stride", "2"])
     assert (args.data, args.data_dir, args.split, args.frame_stride) == ("ucf101", "/d", "all", 2)
     assert data.add_data_args(argparse.ArgumentParser()).parse_args([]).data == "synthetic"
+
+
+def test_num_shapes_flag_reaches_the_synthetic_set_only(tmp_path):
+    parse = data.add_data_args(argparse.ArgumentParser()).parse_args
+    assert data.synthetic_options(parse([])) == {}
+    two = data.make_dataset("synthetic", **data.synthetic_options(parse(["--num-shapes", "2"])))
+    assert len(two.video_params(0)[1]) == 2
+    assert len(data.make_dataset("synthetic").video_params(0)[1]) == 1  # the default: one shape per video
+    with pytest.raises(data.DataError, match="at least one shape"):
+        data.make_dataset("synthetic", num_shapes=0)
+    with pytest.raises(data.DataError, match="those are for the synthetic set"):
+        data.make_dataset("folder", tmp_path, num_shapes=2)
 
 
 def test_frame_stride_skips_frames(tmp_path):

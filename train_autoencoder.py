@@ -159,7 +159,7 @@ def log(rank, out, text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    add_common_args(p, out="runs/autoencoder", steps=3000, batch_size=4)
+    add_common_args(p, out="runs/autoencoder", steps=2000, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
     p.add_argument("--latent-channels", type=int, help="channels C of each latent plane (default: the preset's)")
@@ -238,7 +238,8 @@ def main(argv=None):
         f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
 
     # data: training clips, and a fixed set of held-out clips for PSNR and previews
-    data_args = dict(resolution=cfg.resolution, frames=cfg.frames, frame_stride=args.frame_stride, seed=args.seed)
+    data_args = dict(resolution=cfg.resolution, frames=cfg.frames, frame_stride=args.frame_stride, seed=args.seed,
+                     **data.synthetic_options(args))
     try:
         train_set = data.make_dataset(args.data, args.data_dir, split=args.split, **data_args)
         held_out = data.make_dataset(args.data, args.data_dir, split="test", **data_args)

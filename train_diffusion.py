@@ -23,7 +23,7 @@ from train_autoencoder import (Meter, add_common_args, autocast, batches, check_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=1000, batch_size=8)
+    add_common_args(p, out="runs/diffusion", steps=3000, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
@@ -47,13 +47,16 @@ def parse_args(argv=None):
 
 
 def load_frozen_autoencoder(args, device):
-    """The stage-1 model, frozen. Its clip size fixes the data's; conflicting flags are an error."""
+    """The stage-1 model, frozen. Its clip size fixes the data's; conflicting flags are an error. On synthetic
+    data, the shapes per video default to those the autoencoder was trained on."""
     autoencoder = pvdm.load_autoencoder(args.autoencoder, device).requires_grad_(False)
     cfg = autoencoder.cfg
     for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
         if getattr(args, flag) not in (None, want):
             raise SystemExit(f"error: --{flag} {getattr(args, flag)} differs from the autoencoder's {want} "
                              f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
+    if args.data == "synthetic" and args.num_shapes is None:
+        args.num_shapes = pvdm.load_checkpoint(args.autoencoder, "autoencoder").get("args", {}).get("num_shapes")
     return autoencoder
 
 
@@ -150,14 +153,15 @@ def main(argv=None):
     ae_cfg = autoencoder.cfg
     try:
         dataset = data.make_dataset(args.data, args.data_dir, resolution=ae_cfg.resolution, frames=ae_cfg.frames,
-                                    split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed)
+                                    split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed,
+                                    **data.synthetic_options(args))
     except data.DataError as e:
         fail(str(e), world > 1)
     if args.latent_cache:
         cache = os.path.join(args.out, "latents.pt")
         videos = min(args.cache_videos or len(dataset), len(dataset))
         source = {"autoencoder": ae_record["fingerprint"], "videos": videos,
-                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
+                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed", "num_shapes")}}
         if rank == 0 and not os.path.exists(cache):
             build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, source)
         if world > 1:
