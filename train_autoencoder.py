@@ -159,7 +159,7 @@ def log(rank, out, text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    add_common_args(p, out="runs/autoencoder", steps=2000, batch_size=4)
+    add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
     p.add_argument("--latent-channels", type=int, help="channels C of each latent plane (default: the preset's)")

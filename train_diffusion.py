@@ -23,7 +23,7 @@ from train_autoencoder import (Meter, add_common_args, autocast, batches, check_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=3000, batch_size=8)
+    add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
