@@ -407,7 +407,8 @@ def run_fvd(args):
     i3d = load_i3d(args.cache_dir, args.device)
 
     dataset = make_dataset(args.real_data, args.real_dir, resolution=resolution, frames=args.frames,
-                           split=args.real_split, frame_stride=args.frame_stride, seed=args.seed)
+                           split=args.real_split, frame_stride=args.frame_stride, seed=args.seed,
+                           **synthetic_options(args))
     real_spans = [(0, args.frames)] + ([(0, args.window)] if windows else [])
     print(f"I3D features of {args.num_real} real {args.real_data} clips ...")
     real_clips = real_batches(dataset, args.num_real, args.batch_size, args.workers, args.seed)
@@ -433,7 +434,8 @@ def run_recon(args):
     cfg = ae.cfg
     i3d = load_i3d(args.cache_dir, args.device)
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames,
-                           split=args.split, frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args))
+                           split=args.split, frame_stride=args.frame_stride, seed=args.seed,
+                           **synthetic_options(args))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
     for x in real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed):
         x = x.to(args.device)                                    # (B, 3, T, R, R)
@@ -471,6 +473,7 @@ def main(argv=None):
     p.add_argument("--num-fake", type=int, default=None, help="default: every video in --fake-dir")
     p.add_argument("--resolution", type=int, default=None, help="of the real clips; default: the videos'")
     p.add_argument("--frame-stride", type=int, default=1, help="take every n-th real frame")
+    p.add_argument("--num-shapes", type=int, help="synthetic real clips only: shapes per video (default 1)")
     p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
     p.add_argument("--window", type=int, default=16, help="frames per window for --per-window")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
