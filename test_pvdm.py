@@ -234,6 +234,21 @@ def test_cross_plane_attention_knows_where_each_token_is():
         torch.testing.assert_close(attn(planes)[1], attn(mirrored)[1])
 
 
+def test_planes_of_one_shape_share_a_call_with_the_same_result():
+    """z_h and z_w (same shape when h = w) are stacked into one call of the shared layers; the outputs must be
+    what each plane gets on its own, with its own timestep embedding row."""
+    torch.manual_seed(0)
+    res = pvdm.ResBlock(4, 6, emb_dim=8)
+    planes = [torch.randn(2, 4, 3, 3), torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)]  # z_s, z_h, z_w
+    emb = torch.randn(2, 8)
+    batches = []
+    counted = lambda x, e: batches.append(len(x)) or res(x, e)  # noqa: E731
+    out = pvdm.shared_weights(counted, planes, emb)
+    assert batches == [2, 4]  # z_s alone, then z_h and z_w together
+    for o, p in zip(out, planes):
+        torch.testing.assert_close(o, res(p, emb))
+
+
 def test_unet_builds_at_widths_that_are_not_powers_of_two():
     """Group norm needs a group count that divides the channels, e.g. 144 = 96 + 48 on a base-48 skip."""
     cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4, base_channels=48, channel_mult=(1, 2), heads=4)
@@ -499,10 +514,13 @@ def test_resume_continues_the_step_count_and_optimiser(trained, tmp_path):
     out.mkdir()
     (out / "autoencoder.pt").write_bytes((ae_dir / "autoencoder.pt").read_bytes())
     before = torch.load(out / "autoencoder.pt", weights_only=True)
+    # the run learnt two shapes per video: resuming on one is refused in one line, and changes nothing
+    other = run("train_autoencoder.py", *TINY, "--steps", "5", "--out", str(out), "--resume", check=False)
+    assert other.returncode != 0 and "resume with --num-shapes 2" in other.stderr and "Traceback" not in other.stderr
     run("train_autoencoder.py", *TINY, "--steps", "5", "--save-every", "5", "--eval-clips", "2",
-        "--out", str(out), "--resume")
+        "--out", str(out), "--resume", "--num-shapes", "2")
     after = torch.load(out / "autoencoder.pt", weights_only=True)
-    assert after["step"] == 5
+    assert after["step"] == 5 and after["num_shapes"] == 2
     assert after["optimizer"]["state"][0]["step"] == before["optimizer"]["state"][0]["step"] + 2
     assert "step      4" in (out / "log.txt").read_text() and "step      1 " not in (out / "log.txt").read_text()
 
@@ -572,7 +590,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path,
     monkeypatch.setattr(pvdm.ProjectedAutoencoder, "forward",
                         lambda self, x: (real_forward(self, x)[0] * float("nan"), x))
     with pytest.raises(SystemExit, match="became nan at step 4"):
-        train_autoencoder.main([*TINY, "--steps", "9", "--eval-clips", "2", "--out", str(tmp_path), "--resume"])
+        train_autoencoder.main([*TINY, "--steps", "9", "--eval-clips", "2", "--out", str(tmp_path), "--resume",
+                                "--num-shapes", "2"])
     assert torch.load(tmp_path / "autoencoder.pt", weights_only=True)["step"] == 3  # untouched
 
 
@@ -948,8 +967,19 @@ def test_num_shapes_flag_reaches_the_synthetic_set_only(tmp_path):
     assert len(data.make_dataset("synthetic").video_params(0)[1]) == 1  # the default: one shape per video
     with pytest.raises(data.DataError, match="at least one shape"):
         data.make_dataset("synthetic", num_shapes=0)
-    with pytest.raises(data.DataError, match="those are for the synthetic set"):
+    with pytest.raises(data.DataError, match="--num-shapes applies to synthetic data only"):
         data.make_dataset("folder", tmp_path, num_shapes=2)
+
+
+def test_checkpoints_tell_how_many_shapes_their_model_learnt():
+    """Recorded since --num-shapes exists; synthetic checkpoints from before it learnt two, the default then."""
+    assert data.trained_num_shapes({"num_shapes": 3, "args": {"data": "synthetic"}}) == 3
+    assert data.trained_num_shapes({"args": {"data": "synthetic", "num_shapes": None}}) == 2
+    assert data.trained_num_shapes({"num_shapes": None, "args": {"data": "ucf101"}}) is None
+    assert data.trained_num_shapes({"args": {"data": "ucf101"}}) is None
+    parse = data.add_data_args(argparse.ArgumentParser()).parse_args
+    assert data.synthetic_options(parse([]), trained=2) == {"num_shapes": 2}
+    assert data.synthetic_options(parse(["--num-shapes", "1"]), trained=2) == {"num_shapes": 1}  # the flag wins
 
 
 def test_frame_stride_skips_frames(tmp_path):
@@ -1255,13 +1285,15 @@ def test_fvd_command_prints_windows_and_a_protocol_headline(i3d_cache, tmp_path,
 def test_recon_command_reports_psnr_ssim_and_rfvd(i3d_cache, tmp_path, capsys):
     # A small untrained autoencoder saved the way train_autoencoder.py saves one.
     cfg = pvdm.AutoencoderConfig(resolution=16, frames=evaluate.MIN_FRAMES, patch=4, dim=16, depth=1, heads=2)
-    ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": pvdm.ProjectedAutoencoder(cfg).state_dict()}
+    ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": pvdm.ProjectedAutoencoder(cfg).state_dict(),
+            "num_shapes": 2}
     pvdm.save_checkpoint(ckpt, tmp_path / "ae.pt")
     evaluate.main(["recon", "--autoencoder", str(tmp_path / "ae.pt"), "--num-clips", "2",
                    "--cache-dir", str(i3d_cache), "--workers", "0"])
     headline = capsys.readouterr().out.strip().splitlines()[-1]
     assert headline.startswith("PSNR ") and ", SSIM " in headline and f", rFVD{cfg.frames} " in headline
-    assert "2 clips of synthetic (test split" in headline and "16x16" in headline
+    # held out clips like the ones the autoencoder learnt: two shapes each
+    assert "2 clips of synthetic with 2 shapes per video (test split" in headline and "16x16" in headline
 
 
 # ---------------------------------------------------------------------------------------------

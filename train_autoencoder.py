@@ -245,6 +245,14 @@ def main(argv=None):
         held_out = data.make_dataset(args.data, args.data_dir, split="test", **data_args)
     except data.DataError as e:
         fail(str(e), world > 1)
+    num_shapes = getattr(train_set, "num_shapes", None)  # synthetic data: recorded for stage 2 and for resuming
+    trained = data.trained_num_shapes(ckpt) if args.resume else None
+    if None not in (trained, num_shapes) and trained != num_shapes:
+        fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
+             f"--num-shapes {trained}.", world > 1)
+    if step >= args.steps:
+        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
+            "to train on.")
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
@@ -282,7 +290,7 @@ def main(argv=None):
             save_preview(args.out, step, eval_clips, recon)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr}
+                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
             pvdm.save_checkpoint(ckpt, ckpt_path)

@@ -47,17 +47,16 @@ def parse_args(argv=None):
 
 
 def load_frozen_autoencoder(args, device):
-    """The stage-1 model, frozen. Its clip size fixes the data's; conflicting flags are an error. On synthetic
-    data, the shapes per video default to those the autoencoder was trained on."""
-    autoencoder = pvdm.load_autoencoder(args.autoencoder, device).requires_grad_(False)
+    """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are an
+    error."""
+    ckpt = pvdm.load_checkpoint(args.autoencoder, "autoencoder")
+    autoencoder = pvdm.autoencoder_from_checkpoint(ckpt, device).requires_grad_(False)
     cfg = autoencoder.cfg
     for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
         if getattr(args, flag) not in (None, want):
             raise SystemExit(f"error: --{flag} {getattr(args, flag)} differs from the autoencoder's {want} "
                              f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
-    if args.data == "synthetic" and args.num_shapes is None:
-        args.num_shapes = pvdm.load_checkpoint(args.autoencoder, "autoencoder").get("args", {}).get("num_shapes")
-    return autoencoder
+    return autoencoder, ckpt
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -123,7 +122,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "diffusion.pt")
 
     # the frozen autoencoder, and the UNet sized for its latent planes
-    autoencoder = load_frozen_autoencoder(args, device)
+    autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
     ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction)
@@ -137,8 +136,13 @@ def main(argv=None):
     if args.resume:
         ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
         # compared as configs, so a checkpoint written before a field existed reads it at its default
-        if pvdm.UNetConfig(**ckpt["unet_config"]) != ucfg or pvdm.DiffusionConfig(**ckpt["diffusion_config"]) != dcfg:
-            fail(f"{ckpt_path} holds a different UNet or diffusion config; resume with the same flags.", world > 1)
+        there = {**asdict(pvdm.UNetConfig(**ckpt["unet_config"])),
+                 **asdict(pvdm.DiffusionConfig(**ckpt["diffusion_config"]))}
+        here = asdict(ucfg) | asdict(dcfg)
+        differs = [f"{key} {there[key]} there, {here[key]} here" for key in here if there[key] != here[key]]
+        if differs:
+            fail(f"{ckpt_path} holds a different UNet or diffusion config ({'; '.join(differs)}); resume with its "
+                 "flags, or start a new --out (sample.py still reads it).", world > 1)
         unet.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -150,18 +154,21 @@ def main(argv=None):
         f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
 
     # data: windows of two clips (previous, target), encoded on the fly or once into a cache
+    # (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says otherwise)
     ae_cfg = autoencoder.cfg
+    trained = data.trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
     try:
         dataset = data.make_dataset(args.data, args.data_dir, resolution=ae_cfg.resolution, frames=ae_cfg.frames,
                                     split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed,
-                                    **data.synthetic_options(args))
+                                    **data.synthetic_options(args, trained))
     except data.DataError as e:
         fail(str(e), world > 1)
     if args.latent_cache:
         cache = os.path.join(args.out, "latents.pt")
         videos = min(args.cache_videos or len(dataset), len(dataset))
         source = {"autoencoder": ae_record["fingerprint"], "videos": videos,
-                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed", "num_shapes")}}
+                  "num_shapes": getattr(dataset, "num_shapes", None),
+                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
         if rank == 0 and not os.path.exists(cache):
             build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, source)
         if world > 1:
@@ -172,6 +179,9 @@ def main(argv=None):
                  "delete it to re-encode, or pass another --out.", world > 1)
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
+    if step >= args.steps:
+        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
+            "to train on.")
     meter = Meter(device, step, args.batch_size)
     while step < args.steps:
         if args.latent_cache:
