@@ -102,6 +102,7 @@ def load_autoencoder(path, device="cpu"):
 
 
 def autoencoder_from_checkpoint(ckpt, device="cpu"):
+    """The same, from a checkpoint already loaded (to read its other entries too)."""
     model = ProjectedAutoencoder(AutoencoderConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -676,7 +677,7 @@ AUTOENCODER_PRESETS = {
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4, latent_channels=4),
 }
 UNET_PRESETS = {
-    # tiny: one attention head; four (8 and 16 channels wide) took 1.4x the CPU step time for samples that looked alike
+    # tiny: one attention head; four (8 and 16 wide) took 1.4x the CPU step time for samples that looked alike
     "tiny": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=1),
     "paper": dict(base_channels=256, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2), heads=8),
 }

@@ -136,8 +136,8 @@ def main(argv=None):
     if args.resume:
         ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
         # compared as configs, so a checkpoint written before a field existed reads it at its default
-        there = {**asdict(pvdm.UNetConfig(**ckpt["unet_config"])),
-                 **asdict(pvdm.DiffusionConfig(**ckpt["diffusion_config"]))}
+        there = (asdict(pvdm.UNetConfig(**ckpt["unet_config"]))
+                 | asdict(pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
         here = asdict(ucfg) | asdict(dcfg)
         differs = [f"{key} {there[key]} there, {here[key]} here" for key in here if there[key] != here[key]]
         if differs:
