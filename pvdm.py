@@ -409,7 +409,7 @@ def shared_weights(fn, planes, emb):
     for i, p in enumerate(planes):
         groups.setdefault(p.shape, []).append(i)
     out = [None] * len(planes)
-    for ids in groups.values():
+    for ids in groups.values():  # stacked: (len(ids) * B, C, a, b), emb repeated to (len(ids) * B, E) to match
         stacked = fn(torch.cat([planes[i] for i in ids]), emb.repeat(len(ids), 1))
         for i, part in zip(ids, stacked.chunk(len(ids))):
             out[i] = part
