@@ -70,6 +70,13 @@ def setup(args):
     return rank, world, device
 
 
+def say_if_done(rank, args, ckpt_path, step):
+    """A resumed run already at --steps trains nothing: one line says so, rather than a silent exit."""
+    if step >= args.steps:
+        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
+            "to train on.")
+
+
 def fail(message, distributed=False):
     """A user error found at start-up: one line, and a clean exit on every rank."""
     if distributed:
@@ -250,9 +257,7 @@ def main(argv=None):
     if None not in (trained, num_shapes) and trained != num_shapes:
         fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
              f"--num-shapes {trained}.", world > 1)
-    if step >= args.steps:
-        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
-            "to train on.")
+    say_if_done(rank, args, ckpt_path, step)
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 

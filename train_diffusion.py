@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import pvdm
 from train_autoencoder import (Meter, add_common_args, autocast, batches, check_finite, fail, learning_rate, log,
-                               mean_over_ranks, setup)
+                               mean_over_ranks, say_if_done, setup)
 
 
 def parse_args(argv=None):
@@ -179,9 +179,7 @@ def main(argv=None):
                  "delete it to re-encode, or pass another --out.", world > 1)
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    if step >= args.steps:
-        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
-            "to train on.")
+    say_if_done(rank, args, ckpt_path, step)
     meter = Meter(device, step, args.batch_size)
     while step < args.steps:
         if args.latent_cache:
