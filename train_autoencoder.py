@@ -4,165 +4,20 @@ Stage 1 of PVDM: train the projected autoencoder (video -> three latent planes -
     python train_autoencoder.py                                   # tiny preset, synthetic data, CPU, minutes
     python train_autoencoder.py --data ucf101 --data-dir UCF-101  # the paper's settings: 256x256, 16 frames
     torchrun --nproc_per_node 4 train_autoencoder.py ...          # the same script on 4 GPUs (DDP)
-
-The shared training plumbing (distributed setup, precision, endless batches, logging) lives here too and
-train_diffusion.py imports it, so each training script stays one linear story.
 """
 import argparse
-import contextlib
-import math
 import os
-import time
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 import data
 import pvdm
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing shared by both training scripts
-# ----------------------------------------------------------------------------------------------
-
-
-def add_common_args(p, out, steps, batch_size):
-    """Flags both stages share. --batch-size is the global batch, split evenly over the ranks."""
-    data.add_data_args(p)
-    p.add_argument("--resolution", type=int, help="frame size (default: the preset's)")
-    p.add_argument("--frames", type=int, help="frames per clip (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--steps", type=int, default=steps, help="optimiser steps in total")
-    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
-    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
-                   help="after warm-up: cosine decay to zero at --steps, or a constant rate (the paper's)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-
-
-def setup(args):
-    """One process per device. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK are set and we join the group
-    (nccl on CUDA, gloo on CPU); under plain python this is a world of one."""
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device is None:
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.batch_size < world or args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} cannot be split evenly over {world} processes; "
-             f"use a multiple of {world}.", distributed)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(args.seed + rank)  # each rank draws different noise and timesteps
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
-
-def say_if_done(rank, args, ckpt_path, step):
-    """A resumed run already at --steps trains nothing: one line says so, rather than a silent exit."""
-    if step >= args.steps:
-        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
-            "to train on.")
-
-
-def fail(message, distributed=False):
-    """A user error found at start-up: one line, and a clean exit on every rank."""
-    if distributed:
-        dist.destroy_process_group()
-    raise SystemExit(f"error: {message}")
-
-
-def autocast(device, precision):
-    """One mixed-precision context for the forward pass; a no-op in fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def batches(dataset, batch_size, rank, world, seed, start_step, workers):
-    """Endless batches for this rank. The order is a pure function of (seed, epoch), so a resumed run
-    picks up exactly where the killed one stopped, without re-reading the clips it skips."""
-    per_epoch = len(dataset) // (batch_size * world)  # optimiser steps per epoch
-    if per_epoch == 0:
-        raise SystemExit(f"error: the dataset has {len(dataset)} clips, fewer than one global batch of "
-                         f"{batch_size * world}; lower --batch-size.")
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        dataset.set_epoch(epoch)  # clip start frames for this epoch
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        mine = order[: per_epoch * batch_size * world][rank::world]  # this rank's share
-        loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(),
-                            num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available())
-        for batch in loader:
-            yield batch
-            step += 1
-
-
-def learning_rate(step, args):
-    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0.
-    A pure function of the step, so a resumed run continues the same curve. Ending at a small rate settles
-    the weights: the tiny autoencoder gained 1.6 dB over a constant rate in 3,000 steps (README)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    if args.lr_decay == "constant":
-        return args.lr
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def mean_over_ranks(value, world):
-    """The logged loss is the average over all ranks, not rank 0's alone."""
-    value = value.detach().float().clone()
-    if world > 1:
-        dist.all_reduce(value)
-    return value.item() / world
-
-
-def check_finite(loss, step):
-    if not torch.isfinite(torch.tensor(loss)):
-        raise SystemExit(f"error: the loss became {loss} at step {step}; stopping without saving. The last "
-                         "checkpoint is intact: resume from it with a lower --lr or --precision fp32.")
-
-
-class Meter:
-    """Throughput and memory for the log line."""
-
-    def __init__(self, device, step, global_batch):
-        self.device, self.start, self.step0, self.global_batch = device, time.time(), step, global_batch
-
-    def line(self, step):
-        rate = (step - self.step0) * self.global_batch / (time.time() - self.start)
-        mem = ""
-        if self.device.type == "cuda":
-            mem = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
-        return f"{rate:.1f} clips/s{mem}"
-
-
-def log(rank, out, text):
-    """Rank 0 prints and appends to OUT/log.txt."""
-    if rank == 0:
-        print(text, flush=True)
-        with open(os.path.join(out, "log.txt"), "a") as f:
-            f.write(text + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1
-# ----------------------------------------------------------------------------------------------
-
+from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, learning_rate,
+                     load_checkpoint, log, mean_over_ranks, optimizer_step, save_checkpoint, say_if_done, setup,
+                     synthetic_options, trained_num_shapes)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
@@ -207,11 +62,9 @@ def held_out_psnr(model, clips, device, precision):
 
 def save_preview(out, step, real, recon):
     """A PNG strip (real row over reconstructed row, per clip) and an mp4 of the same, side by side."""
-    from sample import save_frame_strip, write_video  # sample.py owns the video writers
-
     rows = [v for pair in zip(real[:4], recon[:4]) for v in pair]
-    save_frame_strip(os.path.join(out, f"recon_{step:07d}.png"), rows)
-    write_video(os.path.join(out, f"recon_{step:07d}.mp4"), torch.cat([real[:4], recon[:4]], dim=-1))
+    data.save_frame_strip(os.path.join(out, f"recon_{step:07d}.png"), rows)
+    data.write_video(os.path.join(out, f"recon_{step:07d}.mp4"), torch.cat([real[:4], recon[:4]], dim=-1))
 
 
 def main(argv=None):
@@ -228,9 +81,11 @@ def main(argv=None):
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=tuple(args.betas)) if disc else None
     step = 0
     if args.resume:
-        ckpt = pvdm.load_checkpoint(ckpt_path, "autoencoder")
-        if ckpt["config"] != asdict(cfg):
-            fail(f"{ckpt_path} was trained with a different model config; resume with the same flags.", world > 1)
+        ckpt = load_checkpoint(ckpt_path, "autoencoder")
+        differs = config_changes(ckpt["config"], cfg)
+        if differs:
+            fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume with the "
+                 "same flags.", world > 1)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if disc and "disc" in ckpt:
@@ -246,14 +101,14 @@ def main(argv=None):
 
     # data: training clips, and a fixed set of held-out clips for PSNR and previews
     data_args = dict(resolution=cfg.resolution, frames=cfg.frames, frame_stride=args.frame_stride, seed=args.seed,
-                     **data.synthetic_options(args))
+                     **synthetic_options(args))
     try:
         train_set = data.make_dataset(args.data, args.data_dir, split=args.split, **data_args)
         held_out = data.make_dataset(args.data, args.data_dir, split="test", **data_args)
     except data.DataError as e:
         fail(str(e), world > 1)
     num_shapes = getattr(train_set, "num_shapes", None)  # synthetic data: recorded for stage 2 and for resuming
-    trained = data.trained_num_shapes(ckpt) if args.resume else None
+    trained = trained_num_shapes(ckpt) if args.resume else None
     if None not in (trained, num_shapes) and trained != num_shapes:
         fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
              f"--num-shapes {trained}.", world > 1)
@@ -270,13 +125,8 @@ def main(argv=None):
             gan_on = disc is not None and step >= args.gan_start
             if gan_on:
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(loss, opt, scaler, lr)
         if gan_on:  # the discriminator's own step, on detached reconstructions
             with autocast(device, args.precision):
                 d_loss = pvdm.hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
@@ -298,7 +148,7 @@ def main(argv=None):
                     "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-            pvdm.save_checkpoint(ckpt, ckpt_path)
+            save_checkpoint(ckpt, ckpt_path)
             log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | saved {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()

@@ -17,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import pvdm
-from train_autoencoder import (Meter, add_common_args, autocast, batches, check_finite, fail, learning_rate, log,
-                               mean_over_ranks, say_if_done, setup)
+from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
+                     config_changes, fail, learning_rate, load_checkpoint, log, mean_over_ranks, optimizer_step,
+                     save_checkpoint, say_if_done, setup, synthetic_options, trained_num_shapes)
 
 
 def parse_args(argv=None):
@@ -49,33 +50,14 @@ def parse_args(argv=None):
 def load_frozen_autoencoder(args, device):
     """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are an
     error."""
-    ckpt = pvdm.load_checkpoint(args.autoencoder, "autoencoder")
-    autoencoder = pvdm.autoencoder_from_checkpoint(ckpt, device).requires_grad_(False)
+    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
+    autoencoder = autoencoder_from_checkpoint(ckpt, device).requires_grad_(False)
     cfg = autoencoder.cfg
     for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
         if getattr(args, flag) not in (None, want):
             raise SystemExit(f"error: --{flag} {getattr(args, flag)} differs from the autoencoder's {want} "
                              f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
     return autoencoder, ckpt
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """Latent pairs encoded once: (z_prev, z, has_prev) per video, with the dataset interface batches() uses.
-    `source` says what they were encoded from (autoencoder fingerprint, data, number of videos)."""
-
-    def __init__(self, path):
-        cache = torch.load(path, weights_only=True)
-        self.prev, self.next, self.has_prev = cache["prev"], cache["next"], cache["has_prev"]
-        self.source = cache.get("source")
-
-    def __len__(self):
-        return len(self.next)
-
-    def __getitem__(self, i):
-        return self.prev[i], self.next[i], self.has_prev[i]
-
-    def set_epoch(self, epoch):
-        pass  # the windows were fixed when the cache was written
 
 
 @torch.no_grad()
@@ -92,27 +74,25 @@ def build_latent_cache(autoencoder, dataset, path, device, precision, workers, s
     """Encode one (previous, target) window for each of the first source["videos"] videos, once."""
     dataset = torch.utils.data.Subset(dataset, range(source["videos"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
-    prev, nxt, flags = [], [], []
-    for i, (window, has_prev) in enumerate(loader):
+    prev, nxt, flags, progress = [], [], [], Progress(len(dataset))
+    for window, has_prev in loader:
         z_prev, z = encode_pairs(autoencoder, window.to(device), device, precision)
         prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
-        print(f"\rencoding latent cache: {min((i + 1) * 16, len(dataset))}/{len(dataset)} windows", end="", flush=True)
-    print()
-    pvdm.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
+        progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(dataset)} windows", len(window))
+    progress.close()
+    save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
                           "source": source}, path)
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
     """A short video from the EMA weights, sampled as sample.py does by default (DDIM with eta 1): clip 1
     unconditional, then clips conditioned on the previous."""
-    from sample import save_frame_strip, write_video  # sample.py owns the video writers
-
     gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
     clips = [clip.cpu() for clip, _ in pvdm.generate_video(autoencoder, diffusion, frames, n=2, steps=steps,
                                                           eta=1.0, generator=gen)]
     video = torch.cat(clips, dim=2)  # (2, 3, frames, H, W)
-    save_frame_strip(os.path.join(out, f"sample_{step:07d}.png"), list(video))
-    write_video(os.path.join(out, f"sample_{step:07d}.mp4"), video)
+    data.save_frame_strip(os.path.join(out, f"sample_{step:07d}.png"), list(video))
+    data.write_video(os.path.join(out, f"sample_{step:07d}.mp4"), video)
 
 
 def main(argv=None):
@@ -134,12 +114,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if args.resume:
-        ckpt = pvdm.load_checkpoint(ckpt_path, "diffusion")
-        # compared as configs, so a checkpoint written before a field existed reads it at its default
-        there = (asdict(pvdm.UNetConfig(**ckpt["unet_config"]))
-                 | asdict(pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
-        here = asdict(ucfg) | asdict(dcfg)
-        differs = [f"{key} {there[key]} there, {here[key]} here" for key in here if there[key] != here[key]]
+        ckpt = load_checkpoint(ckpt_path, "diffusion")
+        differs = config_changes(ckpt["unet_config"], ucfg) + config_changes(ckpt["diffusion_config"], dcfg)
         if differs:
             fail(f"{ckpt_path} holds a different UNet or diffusion config ({'; '.join(differs)}); resume with its "
                  "flags, or start a new --out (sample.py still reads it).", world > 1)
@@ -156,11 +132,11 @@ def main(argv=None):
     # data: windows of two clips (previous, target), encoded on the fly or once into a cache
     # (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says otherwise)
     ae_cfg = autoencoder.cfg
-    trained = data.trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
+    trained = trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
     try:
         dataset = data.make_dataset(args.data, args.data_dir, resolution=ae_cfg.resolution, frames=ae_cfg.frames,
                                     split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed,
-                                    **data.synthetic_options(args, trained))
+                                    **synthetic_options(args, trained))
     except data.DataError as e:
         fail(str(e), world > 1)
     if args.latent_cache:
@@ -173,8 +149,9 @@ def main(argv=None):
             build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, source)
         if world > 1:
             dist.barrier()
-        dataset = LatentCache(cache)
-        if dataset.source != source:  # a cache left by another run must not be trained on silently
+        saved = torch.load(cache, weights_only=True)
+        dataset = torch.utils.data.TensorDataset(saved["prev"], saved["next"], saved["has_prev"])
+        if saved.get("source") != source:  # a cache left by another run must not be trained on silently
             fail(f"{cache} was encoded from other data, another --cache-videos or another autoencoder; "
                  "delete it to re-encode, or pass another --out.", world > 1)
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
@@ -190,13 +167,8 @@ def main(argv=None):
             has_prev = has_prev.to(device)
         with autocast(device, args.precision):
             loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(loss, opt, scaler, lr)
         pvdm.update_ema(ema.model, unet, args.ema_decay, step)
         step += 1
 
@@ -209,7 +181,7 @@ def main(argv=None):
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                     "step": step, "args": vars(args),
                     "autoencoder": ae_record}
-            pvdm.save_checkpoint(ckpt, ckpt_path)
+            save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
             log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
     if world > 1:
