@@ -230,14 +230,6 @@ class Workload:
     config: object = None  # the model's config, where the benchmark chose it
 
 
-def checkpoint_blocks(model, block_type):
-    """Activation checkpointing for a model whose config has no switch for it: wrap each block's forward."""
-    for block in model.modules():
-        if isinstance(block, block_type):
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    return model
-
-
 def autoencoder_workload(cfg):
     t, h, w = cfg.latent_size
 
@@ -262,17 +254,14 @@ def diffusion_workload(preset, resolution):
     ae_cfg = preset_config(preset, resolution)
     ucfg = pvdm.unet_config_for(ae_cfg, preset)
 
-    def build(ckpt):
-        model = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), pvdm.DiffusionConfig())
-        return checkpoint_blocks(model, pvdm.TriplaneBlock) if ckpt else model
-
     def inputs(b, dev):
         z0, prev = (torch.rand(b, ucfg.latent_channels, ucfg.num_tokens, device=dev) * 2 - 1 for _ in "zp")
         return z0, prev, torch.ones(b, dtype=torch.bool, device=dev)
 
     return Workload(
         name="triplane UNet",
-        build=build,
+        build=lambda ckpt: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(replace(ucfg, grad_checkpointing=ckpt)),
+                                                  pvdm.DiffusionConfig()),  # what --grad-checkpointing sets
         inputs=inputs,
         loss=lambda model, x: model(*x),
         sample=lambda model, x: model.model(x[0], torch.full_like(x[0][:, 0, 0], 500).long(), x[1], x[2]),

@@ -452,15 +452,22 @@ class TriplaneUNet(nn.Module):
         planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
         hs = [planes]
         for block in self.down:
-            planes = block(planes, emb)
+            planes = self.run(block, planes, emb)
             hs.append(planes)
         for block in self.middle:
-            planes = block(planes, emb)
+            planes = self.run(block, planes, emb)
         for block in self.up:
             if isinstance(block, TriplaneBlock):  # UNet skip: concatenate the matching encoder activation
                 planes = [torch.cat([p, s], dim=1) for p, s in zip(planes, hs.pop())]
-            planes = block(planes, emb)
+            planes = self.run(block, planes, emb)
         return pack([self.out(p) for p in planes])  # (B, C, N)
+
+    def run(self, block, planes, emb):
+        """One block. With activation checkpointing (training only) a TriplaneBlock keeps just its input planes
+        for backward and recomputes the rest, as run_blocks does for the autoencoder."""
+        if self.cfg.grad_checkpointing and self.training and isinstance(block, TriplaneBlock):
+            return checkpoint(block, planes, emb, use_reentrant=False)
+        return block(planes, emb)
 
 # ----------------------------------------------------------------------------------------------
 # 7. Gaussian diffusion with joint conditional / unconditional training (paper section 3.3)
@@ -613,6 +620,7 @@ class UNetConfig:
     num_res_blocks: int = 1
     attention_levels: tuple = (1,)  # levels (0 = full resolution) with 2D self-attention inside planes
     heads: int = 4
+    grad_checkpointing: bool = False  # recompute each TriplaneBlock in backward: less memory, more time
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
@@ -651,7 +659,7 @@ UNET_PRESETS = {
 }
 
 
-def unet_config_for(ae_cfg, preset):
-    """The UNet's plane sizes come from the autoencoder it denoises the latents of."""
+def unet_config_for(ae_cfg, preset, **options):
+    """The UNet's plane sizes come from the autoencoder it denoises the latents of; `options` set other fields."""
     t, h, _ = ae_cfg.latent_size
-    return UNetConfig(latent_channels=ae_cfg.latent_channels, frames=t, size=h, **UNET_PRESETS[preset])
+    return UNetConfig(latent_channels=ae_cfg.latent_channels, frames=t, size=h, **UNET_PRESETS[preset], **options)

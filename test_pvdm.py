@@ -52,9 +52,9 @@ def tiny_ae(**overrides):
     return pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**cfg))
 
 
-def tiny_diffusion(ae_cfg, cond_prob=0.3, randomise_output=True, prediction="eps"):
+def tiny_diffusion(ae_cfg, cond_prob=0.3, randomise_output=True, prediction="eps", **unet_options):
     ucfg = pvdm.UNetConfig(latent_channels=ae_cfg.latent_channels, frames=ae_cfg.latent_size[0],
-                           size=ae_cfg.latent_size[1], base_channels=16, channel_mult=(1, 2), heads=2)
+                           size=ae_cfg.latent_size[1], base_channels=16, channel_mult=(1, 2), heads=2, **unet_options)
     unet = pvdm.TriplaneUNet(ucfg)
     if randomise_output:  # the output conv starts at zero; give it weights so outputs depend on inputs
         torch.nn.init.normal_(unet.out[-1].weight, std=0.1)
@@ -246,6 +246,26 @@ def test_planes_of_one_shape_share_a_call_with_the_same_result():
     assert batches == [2, 4]  # z_s alone, then z_h and z_w together
     for o, p in zip(out, planes):
         torch.testing.assert_close(o, res(p, emb))
+
+
+def test_unet_activation_checkpointing_recomputes_blocks_with_the_same_gradients(monkeypatch):
+    """grad_checkpointing (--grad-checkpointing) is real: each TriplaneBlock runs again in backward, and the
+    gradients are those of the plain model."""
+    forward, calls = pvdm.TriplaneBlock.forward, []
+    monkeypatch.setattr(pvdm.TriplaneBlock, "forward", lambda self, *a: calls.append(self) or forward(self, *a))
+    ae_cfg, runs = tiny_ae().cfg, []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        diffusion = tiny_diffusion(ae_cfg, grad_checkpointing=flag)
+        z = torch.rand(2, ae_cfg.latent_channels, diffusion.model.cfg.num_tokens) * 2 - 1
+        diffusion(z, z.flip(0), torch.tensor([True, False])).backward()
+        blocks = sum(isinstance(m, pvdm.TriplaneBlock) for m in diffusion.modules())
+        runs.append(([p.grad for p in diffusion.parameters()], len(calls) / blocks))
+        calls.clear()
+    (plain, plain_runs), (ckpt, ckpt_runs) = runs
+    assert (plain_runs, ckpt_runs) == (1, 2)
+    for p, q in zip(plain, ckpt):
+        torch.testing.assert_close(p, q)
 
 
 def test_unet_builds_at_widths_that_are_not_powers_of_two():
@@ -477,7 +497,7 @@ def trained(tmp_path_factory):
     run("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2", "--num-shapes", "2",
         "--out", str(ae_dir))
     run("train_diffusion.py", "--batch-size", "2", "--log-every", "1", "--workers", "0", "--steps", "2",
-        "--save-every", "2", "--preview-frames", "12", "--preview-steps", "2",
+        "--save-every", "2", "--preview-frames", "12", "--preview-steps", "2", "--grad-checkpointing",
         "--autoencoder", str(ae_dir / "autoencoder.pt"), "--out", str(dm_dir))
     return ae_dir, dm_dir
 
@@ -490,6 +510,7 @@ def test_training_scripts_write_self_describing_checkpoints_and_previews(trained
     assert ae["config"]["latent_channels"] == 3 and dm["unet_config"]["latent_channels"] == 3  # C follows the flag
     assert math.isfinite(ae["psnr"])
     assert dm["kind"] == "diffusion" and dm["step"] == 2 and dm["diffusion_config"]["prediction"] == "v"
+    assert dm["unet_config"]["grad_checkpointing"]  # the flag reaches the UNet
     assert dm["autoencoder"]["fingerprint"] == ae["fingerprint"]  # it names the autoencoder it used
     assert dm["model"].keys() == dm["ema"].keys()
     assert (ae_dir / "recon_0000003.png").exists() and (ae_dir / "recon_0000003.mp4").exists()

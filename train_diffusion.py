@@ -43,7 +43,9 @@ def parse_args(argv=None):
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
     if not 0 <= args.cond_prob <= 1:
-        raise SystemExit(f"error: --cond-prob must lie in [0, 1] (got {args.cond_prob}).")
+        p.error(f"--cond-prob must lie in [0, 1] (got {args.cond_prob}).")
+    if args.cache_videos is not None and not args.latent_cache:
+        p.error("--cache-videos sets the size of the --latent-cache; add --latent-cache or drop it.")
     return args
 
 
@@ -104,7 +106,7 @@ def main(argv=None):
     # the frozen autoencoder, and the UNet sized for its latent planes
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
-    ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset)
+    ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
