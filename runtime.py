@@ -13,6 +13,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
@@ -23,9 +24,29 @@ import pvdm
 # ----------------------------------------------------------------------------------------------
 
 
+def add_data_args(parser):
+    """The data flags shared by the training and evaluation scripts."""
+    parser.add_argument("--data", default="synthetic", choices=data.DATASETS,
+                        help="synthetic needs no download; the others read --data-dir")
+    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
+    parser.add_argument("--split", default="train", choices=data.SPLITS)
+    parser.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--num-shapes", type=int,
+                        help="synthetic data only: shapes per video (default 1; 2 is a harder set, see the README)")
+    return parser
+
+
+def synthetic_options(args, trained=None):
+    """make_dataset's options from the data flags: --num-shapes if given, else `trained`, the shapes per
+    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
+    num_shapes = args.num_shapes if args.num_shapes is not None else trained
+    return {} if num_shapes is None else {"num_shapes": num_shapes}
+
+
 def add_common_args(p, out, steps, batch_size):
     """Flags both training stages share. --batch-size is the global batch, split evenly over the ranks."""
-    data.add_data_args(p)
+    add_data_args(p)
     p.add_argument("--resolution", type=int, help="frame size (default: the preset's)")
     p.add_argument("--frames", type=int, help="frames per clip (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=batch_size)
@@ -64,6 +85,17 @@ def setup(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
+
+
+def wrap_ddp(model, device, world):
+    """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks); alone, as it is."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+
+def teardown(world):
+    """Leave the process group at the end, so torchrun sees every rank finish cleanly."""
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def fail(message, distributed=False):
@@ -258,19 +290,37 @@ def autoencoder_from_checkpoint(ckpt, device="cpu"):
     return model.to(device).eval()
 
 
+def load_diffusion(path, device, autoencoder_path=None, ema=True):
+    """A trained diffusion model (its EMA weights unless ema=False) and the autoencoder it was trained with (by
+    default the one its checkpoint records), in eval mode, refusing a pair that does not belong together: the
+    autoencoder's latents would be noise to the UNet. Returns (autoencoder, diffusion, step, autoencoder path)."""
+    ckpt = load_checkpoint(path, "diffusion")
+    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
+    if not os.path.isfile(autoencoder_path):
+        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
+                         "path with --autoencoder.")
+    autoencoder = load_autoencoder(autoencoder_path, device)
+    ucfg = pvdm.UNetConfig(**ckpt["unet_config"])
+    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
+    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
+    if ae_shape != unet_shape:
+        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
+                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
+    if pvdm.fingerprint(autoencoder) != ckpt["autoencoder"]["fingerprint"]:
+        raise SystemExit(f"error: {path} was trained with a different autoencoder than {autoencoder_path} (weights "
+                         "fingerprint differs); pass the one it was trained with.")
+    unet = pvdm.TriplaneUNet(ucfg)
+    unet.load_state_dict(ckpt["ema" if ema else "model"])
+    diffusion = pvdm.GaussianDiffusion(unet, pvdm.DiffusionConfig(**ckpt["diffusion_config"]))
+    return autoencoder, diffusion.to(device).eval(), ckpt["step"], autoencoder_path
+
+
 def trained_num_shapes(ckpt):
     """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
     Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
     if "num_shapes" in ckpt:
         return ckpt["num_shapes"]
     return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
-
-
-def synthetic_options(args, trained=None):
-    """make_dataset's options from the data flags: --num-shapes if given, else `trained`, the shapes per
-    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
-    num_shapes = args.num_shapes if args.num_shapes is not None else trained
-    return {} if num_shapes is None else {"num_shapes": num_shapes}
 
 
 # ----------------------------------------------------------------------------------------------

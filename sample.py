@@ -19,11 +19,7 @@ import torch
 
 import data
 import pvdm
-from runtime import Continuity, Progress, autocast, fmt_time, load_autoencoder, load_checkpoint
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+from runtime import Continuity, Progress, autocast, fmt_time, load_diffusion
 
 
 def parse_args(argv=None):
@@ -61,30 +57,6 @@ def parse_args(argv=None):
         p.error(f"--device {args.device} asked for, but this torch sees no CUDA GPU; use --device cpu.")
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
-
-
-def load_models(args, device):
-    """The diffusion checkpoint (EMA weights unless --no-ema) and the autoencoder it was trained with,
-    refusing a pair that does not belong together: its latents would be noise to the UNet."""
-    ckpt = load_checkpoint(args.diffusion, "diffusion")
-    args.autoencoder = args.autoencoder or ckpt["autoencoder"]["path"]
-    if not os.path.isfile(args.autoencoder):
-        raise SystemExit(f"error: no autoencoder at {args.autoencoder} (the one {args.diffusion} was trained "
-                         "with); pass its path with --autoencoder.")
-    autoencoder = load_autoencoder(args.autoencoder, device)
-    ucfg = pvdm.UNetConfig(**ckpt["unet_config"])
-    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
-    if ae_shape != (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size):
-        raise SystemExit(f"error: {args.autoencoder} makes latents of shape (C, t, h, w) = {ae_shape}, but "
-                         f"{args.diffusion} denoises {(ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)}; "
-                         "pass the autoencoder the diffusion model was trained with.")
-    if pvdm.fingerprint(autoencoder) != ckpt["autoencoder"]["fingerprint"]:
-        raise SystemExit(f"error: {args.diffusion} was trained with a different autoencoder than {args.autoencoder} "
-                         "(weights fingerprint differs); pass the one it was trained with.")
-    unet = pvdm.TriplaneUNet(ucfg)
-    unet.load_state_dict(ckpt["model" if args.no_ema else "ema"])
-    diffusion = pvdm.GaussianDiffusion(unet, pvdm.DiffusionConfig(**ckpt["diffusion_config"]))
-    return autoencoder, diffusion.to(device).eval(), ckpt["step"]
 
 
 def sampler_settings(args, timesteps):
@@ -149,7 +121,8 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, conti
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    autoencoder, diffusion, train_step = load_models(args, device)
+    autoencoder, diffusion, train_step, args.autoencoder = load_diffusion(args.diffusion, device, args.autoencoder,
+                                                                          ema=not args.no_ema)
     steps, eta = sampler_settings(args, diffusion.cfg.timesteps)
     clip_len = autoencoder.cfg.frames
     args.frames = args.frames or clip_len

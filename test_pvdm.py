@@ -970,14 +970,14 @@ def test_a_video_that_breaks_after_probing_is_replaced_with_a_warning(tmp_path):
 
 
 def test_add_data_args():
-    args = data.add_data_args(argparse.ArgumentParser()).parse_args(
+    args = runtime.add_data_args(argparse.ArgumentParser()).parse_args(
         ["--data", "ucf101", "--data-dir", "/d", "--split", "all", "--frame-stride", "2"])
     assert (args.data, args.data_dir, args.split, args.frame_stride) == ("ucf101", "/d", "all", 2)
-    assert data.add_data_args(argparse.ArgumentParser()).parse_args([]).data == "synthetic"
+    assert runtime.add_data_args(argparse.ArgumentParser()).parse_args([]).data == "synthetic"
 
 
 def test_num_shapes_flag_reaches_the_synthetic_set_only(tmp_path):
-    parse = data.add_data_args(argparse.ArgumentParser()).parse_args
+    parse = runtime.add_data_args(argparse.ArgumentParser()).parse_args
     assert runtime.synthetic_options(parse([])) == {}
     two = data.make_dataset("synthetic", **runtime.synthetic_options(parse(["--num-shapes", "2"])))
     assert len(two.video_params(0)[1]) == 2
@@ -994,7 +994,7 @@ def test_checkpoints_tell_how_many_shapes_their_model_learnt():
     assert runtime.trained_num_shapes({"args": {"data": "synthetic", "num_shapes": None}}) == 2
     assert runtime.trained_num_shapes({"num_shapes": None, "args": {"data": "ucf101"}}) is None
     assert runtime.trained_num_shapes({"args": {"data": "ucf101"}}) is None
-    parse = data.add_data_args(argparse.ArgumentParser()).parse_args
+    parse = runtime.add_data_args(argparse.ArgumentParser()).parse_args
     assert runtime.synthetic_options(parse([]), trained=2) == {"num_shapes": 2}
     assert runtime.synthetic_options(parse(["--num-shapes", "1"]), trained=2) == {"num_shapes": 1}  # the flag wins
 

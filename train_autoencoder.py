@@ -10,14 +10,12 @@ import os
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import pvdm
 from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, learning_rate,
                      load_checkpoint, log, mean_over_ranks, optimizer_step, save_checkpoint, say_if_done, setup,
-                     synthetic_options, trained_num_shapes)
+                     synthetic_options, teardown, trained_num_shapes, wrap_ddp)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
@@ -92,9 +90,9 @@ def main(argv=None):
             disc.load_state_dict(ckpt["disc"])
             disc_opt.load_state_dict(ckpt["disc_optimizer"])
         step = ckpt["step"]
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    ddp_disc = (DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else disc) if disc else None
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    ddp, ddp_disc = wrap_ddp(model, device, world), disc and wrap_ddp(disc, device, world)
+    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")  # loss scaling, in fp16 only
+    disc_scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
     n_params = sum(p.numel() for p in model.parameters())
     log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "
         f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
@@ -130,9 +128,7 @@ def main(argv=None):
         if gan_on:  # the discriminator's own step, on detached reconstructions
             with autocast(device, args.precision):
                 d_loss = pvdm.hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
+            optimizer_step(d_loss, disc_opt, disc_scaler, args.lr)  # at a constant rate
         step += 1
 
         loss_value = mean_over_ranks(loss, world)
@@ -149,9 +145,9 @@ def main(argv=None):
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
             save_checkpoint(ckpt, ckpt_path)
-            log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | saved {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+            log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
+                f"saved {ckpt_path}")
+    teardown(world)
     return model
 
 

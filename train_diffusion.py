@@ -13,13 +13,12 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import pvdm
 from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
                      config_changes, fail, learning_rate, load_checkpoint, log, mean_over_ranks, optimizer_step,
-                     save_checkpoint, say_if_done, setup, synthetic_options, trained_num_shapes)
+                     save_checkpoint, say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -50,8 +49,7 @@ def parse_args(argv=None):
 
 
 def load_frozen_autoencoder(args, device):
-    """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are an
-    error."""
+    """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are errors."""
     ckpt = load_checkpoint(args.autoencoder, "autoencoder")
     autoencoder = autoencoder_from_checkpoint(ckpt, device).requires_grad_(False)
     cfg = autoencoder.cfg
@@ -65,25 +63,38 @@ def load_frozen_autoencoder(args, device):
 @torch.no_grad()
 def encode_pairs(autoencoder, window, device, precision):
     """A (B, 3, 2T, H, W) window -> packed latents of its first and second clip, (B, C, N) each."""
-    t = autoencoder.cfg.frames
+    t = autoencoder.cfg.frames  # T
     with autocast(device, precision):
         z_prev = pvdm.pack(autoencoder.encode(window[:, :, :t]))
         z = pvdm.pack(autoencoder.encode(window[:, :, t:]))
     return z_prev.float(), z.float()
 
 
-def build_latent_cache(autoencoder, dataset, path, device, precision, workers, source):
-    """Encode one (previous, target) window for each of the first source["videos"] videos, once."""
-    dataset = torch.utils.data.Subset(dataset, range(source["videos"]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
-    prev, nxt, flags, progress = [], [], [], Progress(len(dataset))
-    for window, has_prev in loader:
-        z_prev, z = encode_pairs(autoencoder, window.to(device), device, precision)
-        prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
-        progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(dataset)} windows", len(window))
-    progress.close()
-    save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
-                          "source": source}, path)
+def latent_cache(args, autoencoder, dataset, rank, world, device):
+    """--latent-cache: one (previous, target) window of each of the first --cache-videos videos, encoded once into
+    OUT/latents.pt by rank 0, as a dataset of (z_prev, z, has_prev). `source` records what it was encoded from, so
+    a cache left by another run is refused rather than trained on silently."""
+    path = os.path.join(args.out, "latents.pt")
+    source = {"autoencoder": pvdm.fingerprint(autoencoder), "num_shapes": getattr(dataset, "num_shapes", None),
+              "videos": min(args.cache_videos or len(dataset), len(dataset)),
+              **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
+    if rank == 0 and not os.path.exists(path):
+        subset = torch.utils.data.Subset(dataset, range(source["videos"]))
+        prev, nxt, flags, progress = [], [], [], Progress(len(subset))
+        for window, has_prev in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
+            z_prev, z = encode_pairs(autoencoder, window.to(device), device, args.precision)
+            prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
+            progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(subset)} windows", len(window))
+        progress.close()
+        save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
+                         "source": source}, path)
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's cache
+    cache = torch.load(path, weights_only=True)
+    if cache.get("source") != source:
+        fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
+             "re-encode, or pass another --out.", world > 1)
+    return torch.utils.data.TensorDataset(cache["prev"], cache["next"], cache["has_prev"])
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
@@ -125,7 +136,7 @@ def main(argv=None):
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    ddp = DDP(diffusion, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else diffusion
+    ddp = wrap_ddp(diffusion, device, world)
     scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
     n_params = sum(p.numel() for p in unet.parameters())
     log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
@@ -133,29 +144,15 @@ def main(argv=None):
 
     # data: windows of two clips (previous, target), encoded on the fly or once into a cache
     # (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says otherwise)
-    ae_cfg = autoencoder.cfg
     trained = trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
     try:
-        dataset = data.make_dataset(args.data, args.data_dir, resolution=ae_cfg.resolution, frames=ae_cfg.frames,
-                                    split=args.split, frame_stride=args.frame_stride, pairs=True, seed=args.seed,
-                                    **synthetic_options(args, trained))
+        dataset = data.make_dataset(args.data, args.data_dir, resolution=autoencoder.cfg.resolution,
+                                    frames=autoencoder.cfg.frames, split=args.split, frame_stride=args.frame_stride,
+                                    pairs=True, seed=args.seed, **synthetic_options(args, trained))
     except data.DataError as e:
         fail(str(e), world > 1)
     if args.latent_cache:
-        cache = os.path.join(args.out, "latents.pt")
-        videos = min(args.cache_videos or len(dataset), len(dataset))
-        source = {"autoencoder": ae_record["fingerprint"], "videos": videos,
-                  "num_shapes": getattr(dataset, "num_shapes", None),
-                  **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
-        if rank == 0 and not os.path.exists(cache):
-            build_latent_cache(autoencoder, dataset, cache, device, args.precision, args.workers, source)
-        if world > 1:
-            dist.barrier()
-        saved = torch.load(cache, weights_only=True)
-        dataset = torch.utils.data.TensorDataset(saved["prev"], saved["next"], saved["has_prev"])
-        if saved.get("source") != source:  # a cache left by another run must not be trained on silently
-            fail(f"{cache} was encoded from other data, another --cache-videos or another autoencoder; "
-                 "delete it to re-encode, or pass another --out.", world > 1)
+        dataset = latent_cache(args, autoencoder, dataset, rank, world, device)
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     say_if_done(rank, args, ckpt_path, step)
@@ -181,13 +178,11 @@ def main(argv=None):
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "args": vars(args),
-                    "autoencoder": ae_record}
+                    "step": step, "args": vars(args), "autoencoder": ae_record}
             save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
             log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
-    if world > 1:
-        dist.destroy_process_group()
+    teardown(world)
     return ema
 
 
