@@ -8,6 +8,7 @@ the latent of the clip before it (paper section 3.3), decoded and appended to th
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -123,6 +124,7 @@ def main(argv=None):
     device = torch.device(args.device)
     autoencoder, diffusion, train_step, args.autoencoder = load_diffusion(args.diffusion, device, args.autoencoder,
                                                                           ema=not args.no_ema)
+    gc.freeze()  # imageio runs a full garbage collection as it closes each file: leave the loaded models out of it
     steps, eta = sampler_settings(args, diffusion.cfg.timesteps)
     clip_len = autoencoder.cfg.frames
     args.frames = args.frames or clip_len
@@ -158,8 +160,7 @@ def main(argv=None):
             "frames": args.frames, "resolution": autoencoder.cfg.resolution, "num_videos": args.num_videos,
             "seed": args.seed, "diffusion": args.diffusion, "autoencoder": args.autoencoder,
             "diffusion_step": train_step, "batch_size": args.batch_size, "precision": args.precision,
-            "device": str(device), "fps": args.fps,
-            "frame_change": {k: None if v is None else round(v, 2) for k, v in change.items()}}
+            "device": str(device), "fps": args.fps, "frame_change": {k: v and round(v, 2) for k, v in change.items()}}
     with open(os.path.join(args.out, "samples.json"), "w") as f:
         json.dump(info, f, indent=2)
 
