@@ -11,7 +11,7 @@ video diffusion baseline of comparable size (a VDM-style 3D UNet, defined below)
   4. Real time per training step and per sampling step on the device at hand, after a burn-in, with the
      achieved FLOP/s and the device's measured matrix-product peak beside it.
 
-    python bench.py                          # the full table (about 20 minutes on 2 CPU cores)
+    python bench.py                          # the full table (slow on a CPU: the paper sizes)
     python bench.py --quick                  # tiny presets at 32x32 only (a few minutes)
     python bench.py --gpu-mem 80 --json bench.json
     python bench.py --profile                # plus torch.profiler's top ops of the tiny training steps
@@ -589,7 +589,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the timings")
     parser.add_argument("--batch", type=int, default=4, help="batch of the timed steps")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the timings (torch's default)")
-    parser.add_argument("--resolutions", default="128,256", help="estimated at these, 16 frames, paper presets")
+    parser.add_argument("--resolutions", help="estimated at these, 16 frames, paper presets (default 128,256)")
     parser.add_argument("--quick", action="store_true", help="tiny presets at 32x32 only: a smoke test")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of the tiny steps")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -602,7 +602,10 @@ def main():
         torch.set_num_threads(args.threads)
     precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 matrix products are slow on most CPUs
     tiny_res = pvdm.AUTOENCODER_PRESETS["tiny"]["resolution"]
-    big, resolutions = ("tiny", [tiny_res]) if args.quick else ("paper", [int(r) for r in args.resolutions.split(",")])
+    if args.quick and args.resolutions:
+        parser.error("--quick estimates the tiny presets at their own size only; drop --resolutions or --quick.")
+    resolutions = [int(r) for r in (args.resolutions or "128,256").split(",")]
+    big, resolutions = ("tiny", [tiny_res]) if args.quick else ("paper", resolutions)
     top_res = resolutions[-1]
     # CPU: the tiny presets, as the quick start trains them; CUDA: the paper presets at the top resolution
     timed_preset, timed_res = ("paper", top_res) if device.type == "cuda" and not args.quick else ("tiny", tiny_res)

@@ -394,6 +394,9 @@ def ssim(x, y, window=11, sigma=1.5):
 
 def run_fvd(args):
     """FVD of a folder of generated videos against real clips, optionally per window of frames."""
+    if args.window is not None and not args.per_window:
+        raise SystemExit("error: --window sets the windows of --per-window; add --per-window or drop --window.")
+    args.window = args.window or 16
     paths = list_videos(args.fake_dir)[:args.num_fake]
     first = read_video(paths[0])                                 # (3, T, H, W)
     length, size = first.shape[1], first.shape[2:]
@@ -486,7 +489,7 @@ def main(argv=None):
     p.add_argument("--frame-stride", type=int, default=1, help="take every n-th real frame")
     p.add_argument("--num-shapes", type=int, help="synthetic real clips only: shapes per video (default 1)")
     p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
-    p.add_argument("--window", type=int, default=16, help="frames per window for --per-window")
+    p.add_argument("--window", type=int, help="frames per window for --per-window (default 16)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     add_common_args(p)
     p.set_defaults(run=run_fvd)

@@ -685,6 +685,19 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
 
 
+def test_a_flag_that_refines_another_is_refused_without_it(tmp_path, capsys):
+    """Accepted means used: a flag that only matters with another one is an error on its own, not ignored."""
+    import train_autoencoder
+    import train_diffusion
+
+    for main, flags in ((train_autoencoder.parse_args, ["--gan-weight", "0.5"]),
+                        (train_diffusion.parse_args, ["--cache-videos", "8"]),
+                        (evaluate.main, ["fvd", "--fake-dir", str(tmp_path), "--window", "8"])):
+        with pytest.raises(SystemExit) as stop:
+            main(flags)
+        assert "or drop" in capsys.readouterr().err + str(stop.value)  # argparse prints; evaluate.py raises
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resolution", "30"], "not divisible by the patch size"),
     (["--frames", "1"], "frames must be at least 2"),

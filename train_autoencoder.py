@@ -30,10 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=float, default=0.0, help="weight of the L1 pixel loss")
     p.add_argument("--l2-weight", type=float, default=1.0, help="weight of the L2 (MSE) pixel loss")
     p.add_argument("--gan-start", type=int, help="step at which the 3D discriminator switches on (default: never)")
-    p.add_argument("--gan-weight", type=float, default=0.1, help="weight of the adversarial loss")
+    p.add_argument("--gan-weight", type=float, help="weight of the adversarial loss (default 0.1)")
     p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for PSNR at each save")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    if args.gan_weight is not None and args.gan_start is None:
+        p.error("--gan-weight weighs the adversarial loss, which --gan-start switches on; add --gan-start or drop it.")
+    args.gan_weight = 0.1 if args.gan_weight is None else args.gan_weight
     return args
 
 
