@@ -160,15 +160,6 @@ def optimizer_step(loss, opt, scaler, lr):
     scaler.update()
 
 
-def config_changes(saved, current):
-    """Fields in which a checkpoint's config (a dict) differs from this run's dataclass config, read through the
-    dataclass so a field added since reads at its default. Activation checkpointing trades memory for time
-    and leaves the model as it is, so a resumed run may switch it."""
-    there = asdict(type(current)(**saved))
-    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
-            if key != "grad_checkpointing" and there[key] != value]
-
-
 # ----------------------------------------------------------------------------------------------
 # Logging and progress
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +267,15 @@ def load_checkpoint(path, kind):
         raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; pass one that "
                          f"train_{kind}.py wrote.")
     return ckpt
+
+
+def config_changes(saved, current):
+    """Fields in which a checkpoint's config (a dict) differs from this run's dataclass config, read through the
+    dataclass so a field added since reads at its default. Activation checkpointing trades memory for time
+    and leaves the model as it is, so a resumed run may switch it."""
+    there = asdict(type(current)(**saved))
+    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
+            if key != "grad_checkpointing" and there[key] != value]
 
 
 def load_autoencoder(path, device="cpu"):
