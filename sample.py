@@ -10,11 +10,11 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import time
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of their EMA")
-    p.add_argument("--save-latents", action="store_true", help="also write each clip's three latent planes as PNGs")
+    p.add_argument("--save-latents", action="store_true",
+                   help="also write each clip's three latent planes as PNGs, and overview.png (the README's picture)")
     args = p.parse_args(argv)
     for flag in ("frames", "num_videos", "batch_size", "steps", "fps"):
         value = getattr(args, flag)
@@ -94,29 +95,43 @@ def sampler_progress(progress, videos, n_clips):
 
 
 def sample_batch(args, autoencoder, diffusion, names, generator, progress, continuity, **sample_kwargs):
-    """Generate one batch of videos clip by clip, appending each decoded clip to its files at once."""
-    clip_len = autoencoder.cfg.frames
-    sheets = [[] for _ in names]  # a few frames per clip for each contact sheet: memory grows by 4 frames a clip
+    """Generate one batch of videos clip by clip, appending each clip's new frames to its files at once."""
+    every, made = max(1, autoencoder.cfg.frames // 4), 0  # contact sheets: every 4th frame of a 16-frame clip
+    sheets = [[] for _ in names]  # memory grows by a quarter of the frames, not by the whole video
     with contextlib.ExitStack() as files:  # closes every file, also when sampling fails half-way
         writers = [[files.enter_context(contextlib.closing(data.VideoWriter(path, args.fps)))
                     for path in (os.path.join(args.out, f"{name}.{fmt}") for fmt in args.format)]
                    for name in names]  # writers[i]: the files of video i
         clips = pvdm.generate_video(autoencoder, diffusion, args.frames, n=len(names), generator=generator,
                                     progress=progress, **sample_kwargs)
-        for k, (video, z) in enumerate(clips):  # video (n, 3, <=T, H, W), z (n, C, N)
+        for k, (video, z) in enumerate(clips):  # video (n, 3, <=T, H, W): the new frames; z (n, C, N)
             planes = pvdm.unpack(z, *autoencoder.cfg.latent_size)
+            shown = [j for j in range(video.shape[2]) if (made + j) % every == 0]  # frame numbers in the video
             for i, name in enumerate(names):
                 frames = data.to_uint8(video[i])  # (<=T, H, W, 3)
                 for writer in writers[i]:
                     writer.append(frames)
                 continuity.add(name, frames)
-                sheets[i].append(video[i, :, :: max(1, clip_len // 4)].float().cpu())  # (3, <=4, H, W)
+                sheets[i].append(video[i, :, shown].float().cpu())  # (3, <=4, H, W)
                 if args.save_latents:
                     data.save_latent_images(os.path.join(args.out, "latents", f"{name}_clip{k:02d}"),
                                             [p[i] for p in planes])
+            made += video.shape[2]
     continuity.forget(names)
-    for name, rows in zip(names, sheets):
-        data.save_frame_strip(os.path.join(args.out, f"{name}.png"), rows)  # one row per clip
+    for name, shown in zip(names, sheets):  # one row per clip length of the video, whatever the clips' overlap
+        data.save_frame_strip(os.path.join(args.out, f"{name}.png"), torch.cat(shown, dim=1).split(4, dim=1))
+
+
+def save_overview(out, names):
+    """The README's picture: the first videos' contact sheets beside the three latent planes of the first clip."""
+    def stack(images, axis):  # side by side (axis 1) or one above another (axis 0), white between, 8 pixels
+        across = max(image.shape[1 - axis] for image in images)
+        pads = [[(0, 8) if a == axis else (0, across - image.shape[a]) if a < 2 else (0, 0) for a in range(3)]
+                for image in images]
+        return np.concatenate([np.pad(im, pad, constant_values=255) for im, pad in zip(images, pads)], axis=axis)
+    read = lambda path: iio.imread(os.path.join(out, path))[..., :3]  # noqa: E731
+    planes = [read(os.path.join("latents", f"{names[0]}_clip00_{p}.png")) for p in ("zs", "zh", "zw")]
+    iio.imwrite(os.path.join(out, "overview.png"), stack([read(f"{n}.png") for n in names[:4]] + [stack(planes, 0)], 1))
 
 
 def main(argv=None):
@@ -128,11 +143,12 @@ def main(argv=None):
     steps, eta = sampler_settings(args, diffusion.cfg.timesteps)
     clip_len = autoencoder.cfg.frames
     args.frames = args.frames or clip_len
-    n_clips = math.ceil(args.frames / clip_len)
+    n_clips = pvdm.clips_needed(args.frames, clip_len, diffusion.cfg.overlap)
     names = [f"video_{i:04d}" for i in range(args.num_videos)]
     os.makedirs(os.path.join(args.out, "latents") if args.save_latents else args.out, exist_ok=True)
     check_out_dir(args.out, names, args.format)
-    print(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of {clip_len}) with "
+    print(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of {clip_len} sharing "
+          f"{diffusion.cfg.overlap} frames) with "
           f"{args.sampler} {steps} steps, eta {eta}, cfg {args.cfg}, {'raw' if args.no_ema else 'EMA'} weights "
           f"of step {train_step}, on {device} in {args.precision}", file=sys.stderr)
 
@@ -146,6 +162,8 @@ def main(argv=None):
                          sampler_progress(progress, videos, n_clips), continuity, steps=steps, eta=eta,
                          guidance=args.cfg)
     progress.close()
+    if args.save_latents:
+        save_overview(args.out, names)
     elapsed = time.time() - progress.start
     print(f"wrote {len(names)} video(s) of {args.frames} frames at {autoencoder.cfg.resolution}x"
           f"{autoencoder.cfg.resolution} to {args.out}/ in {fmt_time(elapsed)} "

@@ -14,6 +14,7 @@ import sys
 import warnings
 from dataclasses import asdict
 from functools import partial
+from types import SimpleNamespace
 
 import av
 import imageio.v3 as iio
@@ -438,9 +439,9 @@ def test_long_video_has_exactly_the_frames_asked_for_and_chains_conditions():
     diffusion = tiny_diffusion(ae.cfg)
     conds, sample = [], diffusion.sample
 
-    def recording_sample(n, cond=None, **kw):
-        conds.append(cond)
-        return sample(n, cond=cond, **kw)
+    def recording_sample(n, prev=None, **kw):
+        conds.append(prev)
+        return sample(n, prev, **kw)
 
     diffusion.sample = recording_sample
     out = list(pvdm.generate_video(ae, diffusion, frames=20, n=2, steps=2))
@@ -448,6 +449,86 @@ def test_long_video_has_exactly_the_frames_asked_for_and_chains_conditions():
     assert all(clip.shape == (2, 3, clip.shape[2], 16, 16) for clip, _ in out)
     assert conds[0] is None  # clip 1 is unconditional
     assert all(torch.equal(c, z) for c, (_, z) in zip(conds[1:], out[:-1]))  # clip k on clip k - 1
+
+
+def numbered_rows(t, h, w, batch=1):
+    """Packed planes whose every value differs: z_s = 0.., z_h = 1000 + 10 * row + column, z_w = 2000 + ..."""
+    z_s = torch.arange(h * w, dtype=torch.float).view(1, 1, h, w)
+    z_h = 1000 + 10 * torch.arange(t)[:, None] + torch.arange(w)[None]  # (t, w)
+    z_w = 2000 + 10 * torch.arange(t)[:, None] + torch.arange(h)[None]  # (t, h)
+    return pvdm.pack([p.float().expand(batch, 2, *p.shape[-2:]) for p in (z_s, z_h[None, None], z_w[None, None])])
+
+
+@pytest.mark.parametrize("overlap", [1, 5, 8])
+def test_alignment_moves_the_previous_clips_last_rows_to_the_first_rows(overlap):
+    t, h, w = 16, 4, 6
+    z_prev = numbered_rows(t, h, w)
+    z_s, z_h, z_w = pvdm.unpack(pvdm.align_condition(z_prev, overlap, t, h, w), t, h, w)
+    p_s, p_h, p_w = pvdm.unpack(z_prev, t, h, w)
+    assert torch.equal(z_s, p_s)  # the time-collapsed plane stays
+    for aligned, prev in ((z_h, p_h), (z_w, p_w)):
+        assert torch.equal(aligned[:, :, :overlap], prev[:, :, t - overlap:])  # row t - k + i lands on row i
+        assert not aligned[:, :, overlap:].any()  # the rows no shared frame fills are zeros
+    assert torch.equal(pvdm.align_condition(z_prev, 0, t, h, w), z_prev)  # the paper's plain concatenation
+
+
+def numbering_pair(T, size, overlap):
+    """A stand-in autoencoder and diffusion model that number frames: each clip's z_h row r holds the absolute
+    index of the frame it shows, continuing from the condition as a perfect model would, and decoding turns
+    row r into a frame of that value. generate_video's bookkeeping is then visible in the frames it returns."""
+    def sample(n, prev=None, **kw):
+        last = None if prev is None else pvdm.unpack(prev, T, size, size)[1][:, :1, T - 1:, :1]  # (n, 1, 1, 1)
+        first = 0 if prev is None else last + 1 - overlap  # the new clip starts k frames before the last one ends
+        rows = (first + torch.arange(T, dtype=torch.float)[:, None]).expand(n, 1, T, size)  # (n, 1, T, size)
+        return pvdm.pack([torch.zeros(n, 1, size, size), rows, rows])
+
+    def decode(planes):
+        return planes[1][:, :1, :, :1, None].expand(-1, 3, -1, 2, 2)  # (n, 3, T, 2, 2): frame value = row value
+
+    unet = SimpleNamespace(cfg=SimpleNamespace(frames=T, size=size))
+    return SimpleNamespace(decode=decode), SimpleNamespace(cfg=SimpleNamespace(overlap=overlap), model=unet,
+                                                           sample=sample)
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 7, 8, 15])
+@pytest.mark.parametrize("frames", [1, 15, 16, 17, 40, 128])
+def test_long_video_with_overlap_returns_every_frame_once_in_order(overlap, frames):
+    ae, diffusion = numbering_pair(16, 4, overlap)
+    clips = [clip for clip, _ in pvdm.generate_video(ae, diffusion, frames, n=2)]
+    video = torch.cat(clips, dim=2)[:, 0, :, 0, 0]  # (2, frames): the index of each returned frame
+    assert torch.equal(video, torch.arange(frames, dtype=torch.float).expand(2, -1))  # none repeated or skipped
+    assert len(clips) == pvdm.clips_needed(frames, 16, overlap)
+    assert all(clip.shape[2] == 16 - overlap for clip in clips[1:-1])  # clips between the first and last add T - k
+
+
+def test_overlapping_sample_keeps_the_shared_rows_of_the_previous_clip_exactly():
+    torch.manual_seed(0)
+    ae_cfg = pvdm.AutoencoderConfig(resolution=16, frames=8)
+    diffusion = tiny_diffusion(ae_cfg)
+    diffusion.cfg.overlap = 3
+    t, size = diffusion.model.cfg.frames, diffusion.model.cfg.size
+    prev = torch.rand(2, 4, diffusion.model.cfg.num_tokens) * 2 - 1
+    z = diffusion.sample(2, prev, steps=4, generator=torch.Generator().manual_seed(0))
+    for new, old in zip(pvdm.unpack(z, t, size, size)[1:], pvdm.unpack(prev, t, size, size)[1:]):
+        torch.testing.assert_close(new[:, :, :3], old[:, :, t - 3:])  # the shared frames agree
+        assert (new[:, :, 3:] - old[:, :, 3:]).abs().mean() > 0.1  # the new frames are made, not copied
+
+
+def test_paper_scheme_samples_as_the_plain_ddim_loop():
+    """With overlap 0 a conditioned clip is the plain loop of the paper: the condition concatenated as it is,
+    nothing replaced; the same generator gives the same latent, bit for bit."""
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))
+    prev = torch.rand(2, 4, diffusion.model.cfg.num_tokens) * 2 - 1
+    got = diffusion.sample(2, prev, steps=5, eta=1.0, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(got.shape, generator=generator)
+    times = torch.linspace(999, 0, 5).round().long().tolist()
+    with torch.no_grad():
+        for t, t_prev in zip(times, times[1:] + [-1]):
+            eps = diffusion.guided_eps(z, torch.full((2,), t), prev, 0.0).float()
+            z = diffusion.ddim_step(z, eps, t, t_prev, 1.0, generator)
+    assert torch.equal(got, z)
 
 
 def test_ema_tracks_the_model():
@@ -714,6 +795,29 @@ def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path
     assert missing.returncode != 0 and "no autoencoder checkpoint" in missing.stderr
     wrong = run("train_diffusion.py", "--autoencoder", str(dm_dir / "diffusion.pt"), "--out", str(tmp_path), check=False)
     assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
+
+
+@pytest.mark.parametrize("overlap", ["-1", "8"])
+def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap):
+    ae_dir, _ = trained  # clips of 8 frames: 0..7 shared frames make sense
+    result = run("train_diffusion.py", "--autoencoder", str(ae_dir / "autoencoder.pt"), "--overlap", overlap,
+                 "--out", str(tmp_path), check=False)
+    assert result.returncode != 0 and f"--overlap {overlap} must lie in [0, 7]" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_training_pairs_target_the_clip_that_starts_overlap_frames_before_the_first_ends():
+    import train_diffusion
+
+    T, k = 8, 3
+    window = torch.arange(2 * T, dtype=torch.float).view(1, 1, 2 * T, 1, 1).expand(2, 3, -1, 2, 2)  # frame i = i
+    numbering = SimpleNamespace(cfg=SimpleNamespace(frames=T), encode=lambda x: (
+        x[:, :1, 0], x[:, :1, :, 0], x[:, :1, :, :, 0]))  # z_h and z_w rows hold the numbers of the frames encoded
+    z_prev, z = train_diffusion.encode_pairs(numbering, window, torch.tensor([True, False]), k, "cpu", "fp32")
+    rows = lambda packed: pvdm.unpack(packed, T, 2, 2)[1][:, 0, :, 0]  # noqa: E731  (B, T): frame numbers
+    assert rows(z_prev).tolist() == [list(range(T))] * 2
+    assert rows(z)[0].tolist() == list(range(T - k, 2 * T - k))  # shares k frames with the previous clip
+    assert rows(z)[1].tolist() == list(range(T, 2 * T))  # no previous clip: the window repeats its one real clip
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
@@ -1106,7 +1210,7 @@ AE = dict(resolution=32, frames=16, patch=8, dim=16, depth=1, heads=2, proj_dept
 UNET = dict(base_channels=16, channel_mult=(1,), num_res_blocks=1, attention_levels=(), heads=2)
 
 
-def save_pair(root, seed=0):
+def save_pair(root, seed=0, **diffusion_options):
     """A tiny autoencoder and a diffusion checkpoint recording it, as the training scripts write them."""
     torch.manual_seed(seed)
     os.makedirs(root / "runs" / "autoencoder", exist_ok=True)
@@ -1122,7 +1226,7 @@ def save_pair(root, seed=0):
     torch.nn.init.normal_(unet.out[-1].weight, std=0.3)  # zero-initialised, every sample would look alike
     diff_path = str(root / "runs" / "diffusion" / "diffusion.pt")
     runtime.save_checkpoint({"kind": "diffusion", "unet_config": asdict(ucfg),
-                          "diffusion_config": asdict(pvdm.DiffusionConfig()), "step": 0,
+                          "diffusion_config": asdict(pvdm.DiffusionConfig(**diffusion_options)), "step": 0,
                           "model": unet.state_dict(), "ema": unet.state_dict(),
                           "autoencoder": {"path": ae_path, "fingerprint": pvdm.fingerprint(ae)}}, diff_path)
     return ae_path, diff_path
@@ -1152,6 +1256,39 @@ def test_long_video_has_exact_frames_and_size(pair, tmp_path):
     assert (info["frames"], info["resolution"], info["num_videos"], info["steps"], info["ema"]) == (40, 32, 2, 3, True)
     assert {"sampler", "eta", "cfg", "seed", "diffusion", "autoencoder"} <= info.keys()
     assert info["frame_change"]["within"] > 0 and info["frame_change"]["across"] > 0
+
+
+def test_overlapping_clips_make_exact_frames_contact_sheets_and_the_overview(tmp_path):
+    """Clips sharing 12 of 16 frames: 40 frames come from 1 + ceil(24 / 4) = 7 clips; the contact sheet still has
+    one row per 16 frames (every 4th frame), and --save-latents also writes the README's overview picture."""
+    pair = save_pair(tmp_path, overlap=12)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--diffusion", pair[1], "--frames", "40",
+                             "--num-videos", "2", "--steps", "2", "--save-latents", "--out", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "(7 clip(s) of 16 sharing 12 frames)" in result.stderr
+    assert iio.imread(tmp_path / "s" / "video_0001.mp4", plugin="pyav").shape == (40, 32, 32, 3)
+    assert iio.imread(tmp_path / "s" / "video_0000.png").shape[:2] == (3 * 96 + 2 * 2, 4 * 96 + 3 * 2)
+    assert len(list((tmp_path / "s" / "latents").glob("video_0000_clip*_zs.png"))) == 7
+    sheets = [iio.imread(tmp_path / "s" / f"video_000{i}.png")[..., :3] for i in range(2)]
+    overview = iio.imread(tmp_path / "s" / "overview.png")
+    assert np.array_equal(overview[:sheets[0].shape[0], :sheets[0].shape[1]], sheets[0])  # the first sheet, top left
+    assert overview.shape[1] > sum(sheet.shape[1] for sheet in sheets)  # then the next sheet and the latent planes
+
+
+def test_teacher_forced_continuation_reports_the_real_jump_and_writes_json(tmp_path, capsys):
+    _, diff_path = save_pair(tmp_path, overlap=12)
+    out = tmp_path / "continuation.json"
+    evaluate.main(["continuation", "--diffusion", diff_path, "--num-videos", "3", "--batch-size", "2", "--steps", "2",
+                   "--workers", "0", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["videos"] == 3 and result["overlap"] == 12 and "teacher-forced" in capsys.readouterr().out
+    dataset = make_dataset("synthetic", None, resolution=32, frames=16, split="test", pairs=True)
+    windows = torch.cat([w for w, _ in evaluate.real_batches(dataset, 3, 2, 0, 0)])  # the same held-out windows
+    real_jump = ((windows[:, :, 16] - windows[:, :, 15]) * 127.5).abs().flatten(1).mean(1).mean().item()
+    assert result["jump_real"] == pytest.approx(real_jump, abs=0.01)  # the real videos' own change at the join
+    assert all(math.isfinite(result[key]) for key in ("jump", "jump_true_latent", "psnr", "psnr_unconditional"))
+    assert result["psnr_true_latent"] > result["psnr_unconditional"]  # the true latent beats random clips
 
 
 def test_same_seed_same_video_and_other_seed_differs(pair, tmp_path):

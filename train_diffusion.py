@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
                         "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
+    p.add_argument("--overlap", type=int, help="frames each clip shares with the one before (pvdm.align_condition; "
+                   "default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -61,12 +63,15 @@ def load_frozen_autoencoder(args, device):
 
 
 @torch.no_grad()
-def encode_pairs(autoencoder, window, device, precision):
-    """A (B, 3, 2T, H, W) window -> packed latents of its first and second clip, (B, C, N) each."""
+def encode_pairs(autoencoder, window, has_prev, overlap, device, precision):
+    """A (B, 3, 2T, H, W) window -> packed latents (B, C, N) of its first clip and of the clip after it, which
+    starts `overlap` frames before the first ends (a window without a previous clip repeats its clip: target it)."""
     t = autoencoder.cfg.frames  # T
+    starts = [t - overlap if h else t for h in has_prev.tolist()]
+    target = torch.stack([w[:, s: s + t] for w, s in zip(window, starts)])  # (B, 3, T, H, W)
     with autocast(device, precision):
         z_prev = pvdm.pack(autoencoder.encode(window[:, :, :t]))
-        z = pvdm.pack(autoencoder.encode(window[:, :, t:]))
+        z = pvdm.pack(autoencoder.encode(target))
     return z_prev.float(), z.float()
 
 
@@ -76,13 +81,13 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     a cache left by another run is refused rather than trained on silently."""
     path = os.path.join(args.out, "latents.pt")
     source = {"autoencoder": pvdm.fingerprint(autoencoder), "num_shapes": getattr(dataset, "num_shapes", None),
-              "videos": min(args.cache_videos or len(dataset), len(dataset)),
+              "videos": min(args.cache_videos or len(dataset), len(dataset)), "overlap": args.overlap,
               **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
     if rank == 0 and not os.path.exists(path):
         subset = torch.utils.data.Subset(dataset, range(source["videos"]))
         prev, nxt, flags, progress = [], [], [], Progress(len(subset))
         for window, has_prev in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
-            z_prev, z = encode_pairs(autoencoder, window.to(device), device, args.precision)
+            z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
             progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(subset)} windows", len(window))
         progress.close()
@@ -118,7 +123,11 @@ def main(argv=None):
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
     ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
-    dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction)
+    args.overlap = pvdm.default_overlap(autoencoder.cfg.frames) if args.overlap is None else args.overlap
+    if not 0 <= args.overlap < autoencoder.cfg.frames:
+        fail(f"--overlap {args.overlap} must lie in [0, {autoencoder.cfg.frames - 1}]: a clip of "
+             f"{autoencoder.cfg.frames} frames shares fewer frames than it has with the one before.", world > 1)
+    dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
@@ -162,7 +171,7 @@ def main(argv=None):
             z_prev, z, has_prev = (b.to(device) for b in next(stream))
         else:
             window, has_prev = next(stream)
-            z_prev, z = encode_pairs(autoencoder, window.to(device), device, args.precision)
+            z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             has_prev = has_prev.to(device)
         with autocast(device, args.precision):
             loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
