@@ -396,9 +396,9 @@ def load_file(path, what, fix):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns before failing on some foreign files
                 return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's own message here would suggest weights_only=False: never do that
-            problem = "holds objects other than tensors and plain values, so it was not unpickled"
-        except Exception:  # zip, pickle and OS errors of truncated, damaged or foreign files
+        except pickle.UnpicklingError:  # torch's own message here suggests weights_only=False: never do that
+            problem = "holds more than tensors and plain values (foreign, damaged or hostile), so it was not unpickled"
+        except Exception:  # zip and OS errors of truncated or damaged files
             problem = "cannot be read (it is truncated, damaged or not a PyTorch file)"
     raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
 
