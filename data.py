@@ -357,7 +357,7 @@ class FileVideos(ClipDataset):
                 self.lengths.append(count)
         # the start-up summary: how many videos are used, and why the others are not
         if not self.sources:  # none listed (an empty split), or none usable
-            why = f"for example {next(iter(skipped.items()))}" if skipped else "try another --split or check the layout"
+            why = "for example {}: {}".format(*next(iter(skipped.items()))) if skipped else "try another --split"
             raise DataError(f"none of the {len(sources)} videos of {name} under {root} is usable; {why}.")
         if skipped:
             examples = [f"{p.relative_to(root)}: {why}" for p, why in list(skipped.items())[:3]]
