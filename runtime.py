@@ -254,11 +254,11 @@ def nonfinite(tree):
     return None
 
 
-def what_is_left(ckpt_path):
+def what_is_left(ckpt_path, then="with a lower --lr or --precision fp32"):
     """What a stopped run leaves behind, in words, with what to do next."""
     if os.path.exists(ckpt_path):
-        return f"The last checkpoint, {ckpt_path}, is intact: resume from it with a lower --lr or --precision fp32."
-    return "No checkpoint was written yet: start again with a lower --lr or --precision fp32."
+        return f"The last checkpoint, {ckpt_path}, is intact: resume from it {then}."
+    return f"No checkpoint was written yet: start again {then}."
 
 
 def check_finite(loss, step, ckpt_path, modules=()):
@@ -373,11 +373,12 @@ def save_checkpoint(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write {path} ({error.strerror or error}). {what_is_left(path)} Free "
-                         "some space or pass another --out.") from None
+        reason = getattr(error, "strerror", None) or "the disk may be full, or the folder not writable"
+        raise SystemExit(f"error: could not write {path} ({reason}). "
+                         f"{what_is_left(path, 'once there is space, or with another --out')}") from None
 
 
 def load_file(path, what, fix):

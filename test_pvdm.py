@@ -1387,6 +1387,19 @@ def test_nan_weights_are_never_saved(trained, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "autoencoder.pt", weights_only=True)["step"] == 3
 
 
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "autoencoder.pt"
+    runtime.save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills half-way
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="could not write .* The last checkpoint, .* is intact: resume from it once"):
+        runtime.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and not list(tmp_path.glob("*.tmp*"))
+
+
 def test_resuming_stage_2_with_another_autoencoder_is_refused(trained, tmp_path):
     import train_diffusion
 
