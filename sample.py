@@ -20,43 +20,37 @@ import torch
 
 import data
 import pvdm
-from runtime import Continuity, Progress, autocast, fmt_time, load_diffusion
+from runtime import (Continuity, Progress, autocast, device_name, finite_float, float_in, fmt_time, int_in,
+                     load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, run_main, take_lock)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample long videos from a trained PVDM, clip by clip.")
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="stage-2 checkpoint")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one recorded in --diffusion)")
-    p.add_argument("--frames", type=int, help="frames per video, any number (default: one clip)")
-    p.add_argument("--num-videos", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8, help="videos sampled together")
+    p.add_argument("--frames", type=positive_int, help="frames per video, any number (default: one clip)")
+    p.add_argument("--num-videos", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="videos sampled together")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
                    help="ddim: --steps steps with noise --eta; ddpm: all T steps with eta 1 (slow)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default 50; the paper: 400)")
-    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, as in the paper)")
-    p.add_argument("--cfg", type=float, default=0.0,
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (default 50; the paper: 400)")
+    p.add_argument("--eta", type=float_in(0), help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, the paper's)")
+    p.add_argument("--cfg", type=finite_float, default=0.0,
                    help="classifier-free guidance weight w on the previous clip (clips 2 onward)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="samples", help="folder for the videos, contact sheets and samples.json")
+    p.add_argument("--overwrite", action="store_true", help="replace videos of the same names left in --out")
     p.add_argument("--format", nargs="+", choices=["mp4", "gif"], default=["mp4"], help="one or both")
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--fps", type=int_in(1, 240), default=8)
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of their EMA")
     p.add_argument("--save-latents", action="store_true",
                    help="also write each clip's three latent planes as PNGs, and overview.png (the README's picture)")
     args = p.parse_args(argv)
-    for flag in ("frames", "num_videos", "batch_size", "steps", "fps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be a positive number (got {value}).")
     if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
         p.error("--sampler ddpm always runs all T steps with eta 1; drop --steps/--eta or use --sampler ddim.")
-    if args.eta is not None and args.eta < 0:
-        p.error(f"--eta must be at least 0 (got {args.eta}).")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} asked for, but this torch sees no CUDA GPU; use --device cpu.")
+    args.device = str(resolve_device(args.device))
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -78,13 +72,18 @@ def batch_generator(seed, index, device):
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def check_out_dir(out, names, formats):
-    """Refuse a folder holding videos of another run: evaluate.py would mix them into the statistics."""
+def check_out_dir(out, names, formats, overwrite):
+    """Refuse a folder holding videos of another run (evaluate.py would mix them into the statistics), and, unless
+    --overwrite, videos of the names this run writes: an earlier run's samples are never replaced silently."""
     ours = {f"{name}.{fmt}" for name in names for fmt in formats}
-    stale = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")) and f not in ours)
+    videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
+    stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
     if stale:
         raise SystemExit(f"error: {out} already holds {len(stale)} other video(s) such as {stale[0]}; "
                          "pick an empty --out or remove them.")
+    if same and not overwrite:
+        raise SystemExit(f"error: {out} already holds {len(same)} video(s) of the names this run writes, such as "
+                         f"{same[0]}; pass --overwrite to replace them, or another --out.")
 
 
 def sampler_progress(progress, videos, n_clips):
@@ -105,6 +104,9 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, conti
         clips = pvdm.generate_video(autoencoder, diffusion, args.frames, n=len(names), generator=generator,
                                     progress=progress, **sample_kwargs)
         for k, (video, z) in enumerate(clips):  # video (n, 3, <=T, H, W): the new frames; z (n, C, N)
+            if not torch.isfinite(z).all():  # never a black video written as if it were a sample
+                raise SystemExit(f"error: sampling gave NaN or inf latents in clip {k + 1}; lower --cfg, or sample "
+                                 "an earlier checkpoint.")
             planes = pvdm.unpack(z, *autoencoder.cfg.latent_size)
             shown = [j for j in range(video.shape[2]) if (made + j) % every == 0]  # frame numbers in the video
             for i, name in enumerate(names):
@@ -145,8 +147,9 @@ def main(argv=None):
     args.frames = args.frames or clip_len
     n_clips = pvdm.clips_needed(args.frames, clip_len, diffusion.cfg.overlap)
     names = [f"video_{i:04d}" for i in range(args.num_videos)]
-    os.makedirs(os.path.join(args.out, "latents") if args.save_latents else args.out, exist_ok=True)
-    check_out_dir(args.out, names, args.format)
+    make_out_dir(os.path.join(args.out, "latents") if args.save_latents else args.out)
+    take_lock(args.out)  # one run per --out
+    check_out_dir(args.out, names, args.format, args.overwrite)
     print(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of {clip_len} sharing "
           f"{diffusion.cfg.overlap} frames) with "
           f"{args.sampler} {steps} steps, eta {eta}, cfg {args.cfg}, {'raw' if args.no_ema else 'EMA'} weights "
@@ -184,4 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import asdict
 from functools import partial
@@ -797,13 +798,13 @@ def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path
     assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
 
 
-@pytest.mark.parametrize("overlap", ["-1", "8"])
-def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap):
+@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7]")])
+def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap, message):
     ae_dir, _ = trained  # clips of 8 frames: 0..7 shared frames make sense
     result = run("train_diffusion.py", "--autoencoder", str(ae_dir / "autoencoder.pt"), "--overlap", overlap,
                  "--out", str(tmp_path), check=False)
-    assert result.returncode != 0 and f"--overlap {overlap} must lie in [0, 7]" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    last = result.stderr.strip().splitlines()[-1]  # argparse prints its usage first
+    assert result.returncode != 0 and message in last and "--overlap" in last and "Traceback" not in result.stderr
 
 
 def test_training_pairs_target_the_clip_that_starts_overlap_frames_before_the_first_ends():
@@ -1340,6 +1341,257 @@ def test_defaults_after_quick_start(tmp_path):
     assert iio.imread(tmp_path / "samples" / "video_0003.mp4", plugin="pyav").shape == (12, 32, 32, 3)
     assert "wrote 4 video(s)" in result.stderr
     assert "\r" not in result.stderr  # stderr is a pipe here: plain progress lines, none rewritten
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, small data and faults: one clear line every time, and never a lost model
+# ---------------------------------------------------------------------------------------------
+
+
+class Evil:
+    """A hostile pickle: unpickling it would create a file. No loader may ever run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, pair):
+    """Broken, foreign and hostile files of every kind the scripts read, made once."""
+    root = tmp_path_factory.mktemp("bad")
+    good = open(pair[1], "rb").read()
+    (root / "text.pt").write_text("not a checkpoint\n")
+    (root / "empty.pt").write_bytes(b"")
+    (root / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (root / "hostile.pt").write_bytes(pickle.dumps(Evil(str(root / "PWNED"))))
+    torch.save({"kind": "autoencoder"}, root / "keyless.pt")
+    (root / "a_file").write_text("x")
+    write_frames(root / "unreadable" / "clip", 20)
+    for image in (root / "unreadable" / "clip").iterdir():
+        image.write_bytes(b"not an image")
+    ucf = fake_ucf(root / "ucf")
+    (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("Nobody/v_Nobody_g01_c01.avi\n")  # an empty split
+    ckpt = torch.load(pair[1], weights_only=True)
+    ckpt["ema"] = {k: v * float("nan") for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, root / "nan_diffusion.pt")  # torch.save: save_checkpoint would refuse it
+    return root
+
+
+NO_GPU = not torch.cuda.is_available()
+# (script and flags, with {bad} for the folder of bad files and {out} for a fresh folder; what the error line says)
+BAD_INPUTS = [
+    ("train_autoencoder.py --lr nan", "argument --lr: nan is out of range"),
+    ("train_autoencoder.py --betas 2 0.9", "argument --betas: 2 is out of range"),
+    ("train_autoencoder.py --resolution 100000", "use a whole number from 1 to 1024"),
+    ("train_autoencoder.py --workers -1", "argument --workers: -1 is out of range"),
+    ("train_autoencoder.py --device tpu", "choose cpu, cuda or cuda:N"),
+    *[("train_autoencoder.py --device cuda", "sees 0 CUDA GPU(s); use --device cpu")] * NO_GPU,
+    ("train_autoencoder.py --out {bad}/a_file", "cannot create --out"),
+    ("train_autoencoder.py --resume --start-over", "pass one"),
+    ("train_autoencoder.py --frames 200", "lower --frames or --frame-stride"),
+    ("train_autoencoder.py --data folder --data-dir {bad}/a_file", "is a file, not a folder"),
+    ("train_autoencoder.py --data folder --data-dir {bad}/unreadable --resolution 16 --frames 4",
+     "none of the 1 videos of folder train"),
+    ("train_autoencoder.py --data ucf101 --data-dir {bad}/ucf --resolution 16 --frames 4 --split test",
+     "none of the 0 videos of ucf101 test"),
+    ("train_diffusion.py --ema-decay -1", "argument --ema-decay: -1 is out of range"),
+    ("train_diffusion.py --latent-cache --cache-videos 0", "argument --cache-videos: 0 is out of range"),
+    ("train_diffusion.py --autoencoder {bad}/text.pt", "so it was not unpickled"),
+    ("train_diffusion.py --autoencoder {bad}/hostile.pt", "so it was not unpickled"),
+    ("train_diffusion.py --autoencoder {bad}/keyless.pt", "lacks config, model"),
+    ("sample.py --eta inf", "argument --eta: inf is out of range"),
+    ("sample.py --cfg nan", "argument --cfg: nan is out of range"),
+    ("sample.py --num-videos 0", "argument --num-videos: 0 is out of range"),
+    ("sample.py --diffusion {bad}/truncated.pt", "cannot be read (it is truncated"),
+    ("sample.py --diffusion {bad}/empty.pt", "is empty"),
+    ("sample.py --diffusion {bad}/nan_diffusion.pt", "holds NaN or inf weights"),
+    ("evaluate.py fvd --fake-dir {out} --num-real 0", "argument --num-real: 0 is out of range"),
+    ("evaluate.py fvd --fake-dir {out} --device cuda:x", "choose cpu, cuda or cuda:N"),
+    ("evaluate.py recon --autoencoder {bad}/keyless.pt", "lacks config, model"),
+]
+
+
+@pytest.mark.parametrize("command, message", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_bad_input_ends_in_one_line_naming_the_problem(command, message, bad_files, tmp_path):
+    """Run as a user would: a non-zero exit, no traceback, and one error line that says what to do."""
+    script, *flags = command.format(bad=bad_files, out=tmp_path).split()
+    if script.startswith("train_"):
+        flags += ["--out", str(tmp_path / "run")] * ("--out" not in flags) + ["--workers", "0"]
+    result = run(script, *flags, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[-1] and "error: " in lines[-1], result.stderr
+    assert "weights_only=False" not in result.stderr and not (bad_files / "PWNED").exists()
+
+
+def test_a_rerun_never_overwrites_a_trained_checkpoint(trained, tmp_path):
+    """A fresh run on an --out holding a checkpoint is refused; --start-over keeps the old one aside."""
+    ae_dir, _ = trained
+    out = tmp_path / "ae"
+    out.mkdir()
+    trained_bytes = (ae_dir / "autoencoder.pt").read_bytes()
+    (out / "autoencoder.pt").write_bytes(trained_bytes)
+    flags = [*TINY, "--steps", "1", "--eval-clips", "2", "--out", str(out)]
+    again = run("train_autoencoder.py", *flags, check=False)
+    assert again.returncode != 0 and "pass --resume to continue it, --start-over" in again.stderr
+    assert (out / "autoencoder.pt").read_bytes() == trained_bytes
+    run("train_autoencoder.py", *flags, "--start-over")
+    kept = [p for p in out.glob("autoencoder.*.pt")]
+    assert len(kept) == 1 and kept[0].read_bytes() == trained_bytes
+    assert f"the old checkpoint is kept as {kept[0]}" in (out / "log.txt").read_text()
+    assert torch.load(out / "autoencoder.pt", weights_only=True)["step"] == 1
+    assert not (out / "run.lock").exists()  # released at exit
+
+
+def test_sample_refuses_to_replace_videos_unless_told(pair, tmp_path):
+    run_sampler(pair, tmp_path, "--num-videos", "1", "--frames", "4")
+    before = (tmp_path / "video_0000.mp4").read_bytes()
+    with pytest.raises(SystemExit, match="pass --overwrite to replace them"):
+        run_sampler(pair, tmp_path, "--num-videos", "1", "--frames", "4", "--seed", "1")
+    assert (tmp_path / "video_0000.mp4").read_bytes() == before
+    run_sampler(pair, tmp_path, "--num-videos", "1", "--frames", "4", "--seed", "1", "--overwrite")
+    assert (tmp_path / "video_0000.mp4").read_bytes() != before
+
+
+def test_one_run_per_folder_and_a_killed_runs_leftovers_are_cleared(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), resume=True, start_over=False)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (tmp_path / "run.lock").write_text(str(live.pid))
+        with pytest.raises(SystemExit, match=f"another run \\(pid {live.pid}\\) is using"):
+            runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+    finally:
+        live.kill()
+        live.wait()
+    (tmp_path / "run.lock").write_text(str(dead.pid))  # what kill -9 leaves behind
+    (tmp_path / f"autoencoder.pt.tmp{dead.pid}").write_bytes(b"half a save")
+    runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+    assert (tmp_path / "run.lock").read_text() == str(os.getpid())
+    assert not list(tmp_path.glob("*.tmp*"))
+    runtime.release_lock(str(tmp_path / "run.lock"))
+
+
+def test_kill_9_then_resume_continues_exactly(tmp_path):
+    flags = [*TINY, "--steps", "12", "--save-every", "3", "--eval-clips", "2", "--log-every", "12"]
+    run("train_autoencoder.py", *flags, "--out", str(tmp_path / "whole"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = subprocess.Popen([sys.executable, "train_autoencoder.py", *flags, "--out", str(tmp_path / "killed")],
+                              cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.txt"
+    while killed.poll() is None and "saved" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.005)
+    killed.kill()  # SIGKILL: no clean-up runs, the lock stays behind
+    killed.wait()
+    at_kill = torch.load(tmp_path / "killed" / "autoencoder.pt", weights_only=True)["step"]
+    assert at_kill < 12 and (tmp_path / "killed" / "run.lock").exists()
+    run("train_autoencoder.py", *flags, "--out", str(tmp_path / "killed"), "--resume")
+    whole, resumed = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True) for d in ("whole", "killed"))
+    assert resumed["step"] == 12
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+def test_nan_weights_are_never_saved(trained, tmp_path, monkeypatch):
+    """The loss is computed before the optimiser step: weights can blow up after a finite loss, on a save step."""
+    import train_autoencoder
+
+    real_step, calls = train_autoencoder.optimizer_step, []
+
+    def poisoned_step(loss, opt, scaler, lr):  # finite losses, then NaN weights after the step of the save
+        real_step(loss, opt, scaler, lr)
+        calls.append(lr)
+        if len(calls) == poison_at:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].fill_(float("nan"))
+    monkeypatch.setattr(train_autoencoder, "optimizer_step", poisoned_step)
+    flags = [*TINY, "--eval-clips", "2", "--num-shapes", "2"]
+    poison_at = 2
+    with pytest.raises(SystemExit, match="weights became non-finite .* at step 2; .* No checkpoint was written yet"):
+        train_autoencoder.main([*flags, "--steps", "2", "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh" / "autoencoder.pt").exists()
+    ae_dir, _ = trained
+    (tmp_path / "autoencoder.pt").write_bytes((ae_dir / "autoencoder.pt").read_bytes())
+    poison_at = len(calls) + 1  # the first step of the resumed run, step 4, which saves
+    with pytest.raises(SystemExit, match="at step 4; .* The last checkpoint, .* is intact"):
+        train_autoencoder.main([*flags, "--steps", "4", "--out", str(tmp_path), "--resume"])
+    assert torch.load(tmp_path / "autoencoder.pt", weights_only=True)["step"] == 3
+    with pytest.raises(SystemExit, match="model.w holds NaN or inf"):  # the last guard, in save_checkpoint itself
+        runtime.save_checkpoint({"model": {"w": torch.tensor([float("inf")])}}, tmp_path / "autoencoder.pt")
+    assert torch.load(tmp_path / "autoencoder.pt", weights_only=True)["step"] == 3
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "autoencoder.pt"
+    runtime.save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills half-way
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="could not write .* The last checkpoint, .* is intact: resume from it once"):
+        runtime.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_resuming_stage_2_with_another_autoencoder_is_refused(trained, tmp_path):
+    import train_diffusion
+
+    ae_dir, dm_dir = trained
+    other = torch.load(ae_dir / "autoencoder.pt", weights_only=True)
+    other["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["model"].items()}
+    runtime.save_checkpoint(other, tmp_path / "other.pt")
+    (tmp_path / "diffusion.pt").write_bytes((dm_dir / "diffusion.pt").read_bytes())
+    with pytest.raises(SystemExit, match="trained with a different autoencoder"):
+        train_diffusion.main(["--resume", "--steps", "4", "--workers", "0", "--autoencoder", str(tmp_path / "other.pt"),
+                              "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
+
+
+def test_projected_time_is_said_once_and_names_the_tiny_preset_on_a_cpu():
+    said = []
+    args = argparse.Namespace(batch_size=2, steps=1000, preset="paper")
+    meter = runtime.Meter(torch.device("cpu"), 0, args, say=said.append)
+    for step in range(1, 9):
+        meter.project(step)
+    assert len(said) == 1 and "more to step 1000" in said[0] and "--preset tiny" in said[0]
+    args.preset = "tiny"
+    meter = runtime.Meter(torch.device("cpu"), 0, args, say=said.append)
+    for step in range(1, 9):
+        meter.project(step)
+    assert len(said) == 2 and "--preset tiny" not in said[1]
+
+
+def test_ucf101_split_lists_in_the_official_pvdm_layout(tmp_path):
+    """PVDM's README puts ucfTrainTestlist/ inside UCF-101/, beside the class folders."""
+    root = fake_ucf(tmp_path)
+    (root / "ucfTrainTestlist").rename(root / "UCF-101" / "ucfTrainTestlist")
+    for data_dir in (root, root / "UCF-101"):
+        train, test, _, messages = build_splits("ucf101", data_dir)
+        assert (len(train), len(test)) == (2, 2) and not any("not found" in m for m in messages)
+
+
+def test_a_folder_too_small_for_a_test_tenth_holds_out_one_video(tmp_path):
+    write_video(tmp_path / "two" / "a.avi", 8)
+    write_video(tmp_path / "two" / "b.avi", 8)
+    train, test, _, messages = build_splits("folder", tmp_path / "two")
+    assert [p.name for p in test.sources] == ["a.avi"] and [p.name for p in train.sources] == ["b.avi"]
+    assert any("too few for a tenth" in m for m in messages)
+    write_video(tmp_path / "one" / "a.avi", 8)
+    train, test, _, _ = build_splits("folder", tmp_path / "one")
+    assert len(train) == len(test) == 1
+
+
+def test_a_malformed_probe_cache_is_probed_again(tmp_path):
+    write_video(tmp_path / "v" / "a.avi", 8)
+    data.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    for junk in ("[1, 2]", '{"a.avi": 5}', "{"):
+        for f in data.CACHE_DIR.glob("probe-*.json"):
+            f.write_text(junk)
+        assert len(build("folder", tmp_path / "v")[0]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,30 +13,37 @@ import torch
 
 import data
 import pvdm
-from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, learning_rate,
-                     load_checkpoint, log, mean_over_ranks, optimizer_step, save_checkpoint, say_if_done, setup,
-                     synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, float_in, int_in,
+                     learning_rate, learning_rate_value, load_checkpoint, load_states, log, mean_over_ranks,
+                     non_negative_int, optimizer_step, positive_int, prepare_out, run_main, save_checkpoint,
+                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
     add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
-    p.add_argument("--latent-channels", type=int, help="channels C of each latent plane (default: the preset's)")
-    p.add_argument("--lr", type=float, default=3e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas; paper (0.5, 0.9)")
+    p.add_argument("--latent-channels", type=int_in(1, 256),
+                   help="channels C of each latent plane (default: the preset's)")
+    p.add_argument("--lr", type=learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--betas", type=float_in(0, 1, open_high=True), nargs=2, default=(0.9, 0.99),
+                   help="AdamW betas; paper (0.5, 0.9)")
     # The paper trains with L1 (+ LPIPS). On sparse moving content L1 pulls the model to the "background
     # only" solution, which L2 escapes, so L2 is the default here; --l1-weight 1 --l2-weight 0 follows the paper.
-    p.add_argument("--l1-weight", type=float, default=0.0, help="weight of the L1 pixel loss")
-    p.add_argument("--l2-weight", type=float, default=1.0, help="weight of the L2 (MSE) pixel loss")
-    p.add_argument("--gan-start", type=int, help="step at which the 3D discriminator switches on (default: never)")
-    p.add_argument("--gan-weight", type=float, help="weight of the adversarial loss (default 0.1)")
-    p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for PSNR at each save")
+    p.add_argument("--l1-weight", type=float_in(0), default=0.0, help="weight of the L1 pixel loss")
+    p.add_argument("--l2-weight", type=float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
+    p.add_argument("--gan-start", type=non_negative_int,
+                   help="step at which the 3D discriminator switches on (default: never)")
+    p.add_argument("--gan-weight", type=float_in(0), help="weight of the adversarial loss (default 0.1)")
+    p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR at each save")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
     if args.gan_weight is not None and args.gan_start is None:
         p.error("--gan-weight weighs the adversarial loss, which --gan-start switches on; add --gan-start or drop it.")
     args.gan_weight = 0.1 if args.gan_weight is None else args.gan_weight
+    if args.l1_weight == args.l2_weight == 0:
+        p.error("--l1-weight and --l2-weight are both 0, so nothing would be learnt; give one of them a weight.")
     return args
 
 
@@ -72,8 +79,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = model_config(args)
     rank, world, device = setup(args)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "autoencoder.pt")
+    ckpt_path = prepare_out(args, "autoencoder.pt", rank, world)  # locked; a trained checkpoint is never overwritten
 
     # model, discriminator and optimisers; on resume everything comes back from the checkpoint
     model = pvdm.ProjectedAutoencoder(cfg).to(device)
@@ -82,16 +88,14 @@ def main(argv=None):
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=tuple(args.betas)) if disc else None
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "autoencoder")
+        ckpt = load_checkpoint(ckpt_path, "autoencoder", resume=True)
         differs = config_changes(ckpt["config"], cfg)
         if differs:
             fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume with the "
                  "same flags.", world > 1)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_states(ckpt_path, ckpt, model=model, optimizer=opt)
         if disc and "disc" in ckpt:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
+            load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
         step = ckpt["step"]
     ddp, ddp_disc = wrap_ddp(model, device, world), disc and wrap_ddp(disc, device, world)
     scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")  # loss scaling, in fp16 only
@@ -117,7 +121,7 @@ def main(argv=None):
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    meter = Meter(device, step, args.batch_size)
+    meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
         x = next(stream).to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
@@ -135,19 +139,21 @@ def main(argv=None):
         step += 1
 
         loss_value = mean_over_ranks(loss, world)
-        check_finite(loss_value, step)
+        saving = step % args.save_every == 0 or step == args.steps
+        check_finite(loss_value, step, ckpt_path, [m for m in (model, disc) if saving and m is not None])
+        meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
             gan = f" | d_loss {mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
             log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f}{gan} | lr {lr:.2e} | {meter.line(step)}")
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+        if rank == 0 and saving:
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
-            save_preview(args.out, step, eval_clips, recon)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                     "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-            save_checkpoint(ckpt, ckpt_path)
+            save_checkpoint(ckpt, ckpt_path)  # refuses NaN or inf weights: a good checkpoint is never replaced by them
+            save_preview(args.out, step, eval_clips, recon)
             log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
                 f"saved {ckpt_path}")
     teardown(world)
@@ -155,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

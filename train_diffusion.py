@@ -17,8 +17,10 @@ import torch.distributed as dist
 import data
 import pvdm
 from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
-                     config_changes, fail, learning_rate, load_checkpoint, log, mean_over_ranks, optimizer_step,
-                     save_checkpoint, say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+                     check_same_autoencoder, config_changes, fail, learning_rate, learning_rate_value,
+                     load_checkpoint, load_file, load_states, log, mean_over_ranks, non_negative_int, optimizer_step,
+                     positive_int, prepare_out, probability, run_main, save_checkpoint, say_if_done, setup,
+                     synthetic_options, teardown, trained_num_shapes, wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -26,25 +28,23 @@ def parse_args(argv=None):
     add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
-    p.add_argument("--lr", type=float, default=2e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--cond-prob", type=float, default=0.3, help="share of samples conditioned on the previous clip")
+    p.add_argument("--lr", type=learning_rate_value, default=2e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--cond-prob", type=probability, default=0.3, help="share of samples conditioned on the clip before")
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
                         "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
-    p.add_argument("--overlap", type=int, help="frames each clip shares with the one before (pvdm.align_condition; "
+    p.add_argument("--overlap", type=non_negative_int, help="frames each clip shares with the one before (pvdm.align_condition; "
                    "default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-decay", type=probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
                         "but every epoch sees the same windows")
-    p.add_argument("--cache-videos", type=int, help="encode only the first N videos into the cache")
-    p.add_argument("--preview-frames", type=int, default=32, help="length of the preview video at each save")
-    p.add_argument("--preview-steps", type=int, default=50, help="DDIM steps for the preview")
+    p.add_argument("--cache-videos", type=positive_int, help="encode only the first N videos into the cache")
+    p.add_argument("--preview-frames", type=positive_int, default=32, help="length of the preview video at each save")
+    p.add_argument("--preview-steps", type=positive_int, default=50, help="DDIM steps for the preview")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
-    if not 0 <= args.cond_prob <= 1:
-        p.error(f"--cond-prob must lie in [0, 1] (got {args.cond_prob}).")
     if args.cache_videos is not None and not args.latent_cache:
         p.error("--cache-videos sets the size of the --latent-cache; add --latent-cache or drop it.")
     return args
@@ -53,7 +53,7 @@ def parse_args(argv=None):
 def load_frozen_autoencoder(args, device):
     """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are errors."""
     ckpt = load_checkpoint(args.autoencoder, "autoencoder")
-    autoencoder = autoencoder_from_checkpoint(ckpt, device).requires_grad_(False)
+    autoencoder = autoencoder_from_checkpoint(ckpt, device, args.autoencoder).requires_grad_(False)
     cfg = autoencoder.cfg
     for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
         if getattr(args, flag) not in (None, want):
@@ -95,8 +95,8 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
                          "source": source}, path)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's cache
-    cache = torch.load(path, weights_only=True)
-    if cache.get("source") != source:
+    cache = load_file(path, "the latent cache", "delete it to re-encode, or pass another --out")
+    if not isinstance(cache, dict) or cache.get("source") != source:
         fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
              "re-encode, or pass another --out.", world > 1)
     return torch.utils.data.TensorDataset(cache["prev"], cache["next"], cache["has_prev"])
@@ -116,8 +116,7 @@ def save_preview(out, step, autoencoder, diffusion, frames, steps):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "diffusion.pt")
+    ckpt_path = prepare_out(args, "diffusion.pt", rank, world)  # locked; a trained checkpoint is never overwritten
 
     # the frozen autoencoder, and the UNet sized for its latent planes
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
@@ -136,14 +135,13 @@ def main(argv=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "diffusion")
+        ckpt = load_checkpoint(ckpt_path, "diffusion", resume=True)
         differs = config_changes(ckpt["unet_config"], ucfg) + config_changes(ckpt["diffusion_config"], dcfg)
         if differs:
             fail(f"{ckpt_path} holds a different UNet or diffusion config ({'; '.join(differs)}); resume with its "
                  "flags, or start a new --out (sample.py still reads it).", world > 1)
-        unet.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        check_same_autoencoder(ckpt_path, ckpt["autoencoder"], autoencoder, args.autoencoder)  # its latents only
+        load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
         step = ckpt["step"]
     ddp = wrap_ddp(diffusion, device, world)
     scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
@@ -165,7 +163,7 @@ def main(argv=None):
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     say_if_done(rank, args, ckpt_path, step)
-    meter = Meter(device, step, args.batch_size)
+    meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
         if args.latent_cache:
             z_prev, z, has_prev = (b.to(device) for b in next(stream))
@@ -181,10 +179,12 @@ def main(argv=None):
         step += 1
 
         loss_value = mean_over_ranks(loss, world)
-        check_finite(loss_value, step)
+        saving = step % args.save_every == 0 or step == args.steps
+        check_finite(loss_value, step, ckpt_path, [unet, ema] if saving else [])  # NaN weights are never saved
+        meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
             log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | {meter.line(step)}")
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+        if rank == 0 and saving:
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                     "step": step, "args": vars(args), "autoencoder": ae_record}
@@ -196,4 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
