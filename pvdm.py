@@ -8,7 +8,7 @@ Read this file top to bottom; it is built bottom-up:
   4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
   5. UNet blocks        ResBlock, 2D attention, cross-plane attention
   6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
-  7. diffusion          DDPM/DDIM with joint (un)conditional training, long videos (paper section 3.3)
+  7. diffusion          DDPM/DDIM, joint (un)conditional training, long videos of overlapping clips (section 3.3)
   8. configs            dataclasses and the tiny / paper presets
 
 One layout convention everywhere: a video is (B, C, T, H, W) with values in [-1, 1].
@@ -511,8 +511,9 @@ class GaussianDiffusion(nn.Module):
         return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
 
     def forward(self, z0, prev, has_prev):
-        """Algorithm 1 (training), joint version. z0: target clip latents; prev: latents of the clip just
-        before; has_prev (B,) bool, False when the video had no room for a previous clip. Each sample is
+        """Algorithm 1 (training), joint version. z0: target clip latents; prev: latents of the clip before it
+        (which ends `overlap` frames after the target starts); has_prev (B,) bool, False when the video had no
+        room for a previous clip. Each sample is
         conditioned on its previous clip with probability cond_prob, otherwise trained unconditionally,
         so one network learns both p(z) and p(z | previous clip)."""
         b = z0.shape[0]
@@ -528,6 +529,9 @@ class GaussianDiffusion(nn.Module):
         return F.mse_loss(out.float(), target.float())
 
     def align(self, z_prev):
+        """The previous clip's latent placed as this model was trained to see it (align_condition)."""
+        if self.cfg.overlap == 0:
+            return z_prev
         m = self.model.cfg
         return align_condition(z_prev, self.cfg.overlap, m.frames, m.size, m.size)
 
@@ -576,9 +580,8 @@ class GaussianDiffusion(nn.Module):
         clip has already made: replace them by the aligned condition noised to level t (clean after the last
         step), as in inpainting with a diffusion model, so the shared frames agree exactly and the UNet
         makes the rest fit them. z_s summarises the whole new clip, so it is never known."""
-        m = self.model.cfg
-        known = torch.zeros_like(z[:1, :1])  # (1, 1, N): 1 where the value is known
-        known[..., m.size * m.size:] = self.align(torch.ones_like(known))[..., m.size * m.size:]
+        known = self.align(torch.ones_like(z[:1, :1]))  # (1, 1, N): 1 on z_s and on rows 0..k-1 of z_h and z_w
+        known[..., : self.model.cfg.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
         if t >= 0:
             ab = self.alpha_bar[t]
             cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
@@ -691,6 +694,8 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
+    """The paper's settings by default (a checkpoint without a field reads it so); train_diffusion.py's flags pick
+    this project's: more conditioned samples and overlapping clips, which continue each other far better."""
     timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195

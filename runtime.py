@@ -537,6 +537,20 @@ def pid_alive(pid):
     return True
 
 
+def check_out_dir(out, names, formats, overwrite):
+    """Refuse a folder holding videos of another run (evaluate.py would mix them into the statistics), and, unless
+    --overwrite, videos of the names this run writes: an earlier run's samples are never replaced silently."""
+    ours = {f"{name}.{fmt}" for name in names for fmt in formats}
+    videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
+    stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
+    if stale:
+        raise SystemExit(f"error: {out} already holds {len(stale)} other video(s) such as {stale[0]}; "
+                         "pick an empty --out or remove them.")
+    if same and not overwrite:
+        raise SystemExit(f"error: {out} already holds {len(same)} video(s) of the names this run writes, such as "
+                         f"{same[0]}; pass --overwrite to replace them, or another --out.")
+
+
 def take_lock(out):
     """One run per folder: OUT/run.lock holds the pid of the run using it, created atomically (O_CREAT | O_EXCL),
     removed at exit. A lock whose process is gone (a killed run) is stale and taken over, so kill -9 never leaves

@@ -20,8 +20,9 @@ import torch
 
 import data
 import pvdm
-from runtime import (Continuity, Progress, autocast, device_name, finite_float, float_in, fmt_time, int_in,
-                     load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, run_main, take_lock)
+from runtime import (Continuity, Progress, autocast, check_out_dir, device_name, finite_float, float_in, fmt_time,
+                     int_in, load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, run_main,
+                     take_lock)
 
 
 def parse_args(argv=None):
@@ -70,20 +71,6 @@ def batch_generator(seed, index, device):
     videos, and no two (seed, batch) pairs share noise, as seed + index would."""
     state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def check_out_dir(out, names, formats, overwrite):
-    """Refuse a folder holding videos of another run (evaluate.py would mix them into the statistics), and, unless
-    --overwrite, videos of the names this run writes: an earlier run's samples are never replaced silently."""
-    ours = {f"{name}.{fmt}" for name in names for fmt in formats}
-    videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
-    stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
-    if stale:
-        raise SystemExit(f"error: {out} already holds {len(stale)} other video(s) such as {stale[0]}; "
-                         "pick an empty --out or remove them.")
-    if same and not overwrite:
-        raise SystemExit(f"error: {out} already holds {len(same)} video(s) of the names this run writes, such as "
-                         f"{same[0]}; pass --overwrite to replace them, or another --out.")
 
 
 def sampler_progress(progress, videos, n_clips):
@@ -174,7 +161,8 @@ def main(argv=None):
     change = continuity.means()
     if change["across"] is not None:
         print(f"frame-to-frame change: {change['within']:.1f} grey levels inside clips, {change['across']:.1f} "
-              "across clip boundaries (alike when each clip continues the one before)", file=sys.stderr)
+              "across the joins where a clip's new frames meet the frames before (alike when clips continue)",
+              file=sys.stderr)
 
     # how these videos were made: evaluate.py prints it with every FVD
     info = {"sampler": args.sampler, "steps": steps, "eta": eta, "cfg": args.cfg, "ema": not args.no_ema,

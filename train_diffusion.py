@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=learning_rate_value, default=2e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--cond-prob", type=probability, default=0.3, help="share of samples conditioned on the clip before")
+    p.add_argument("--cond-prob", type=probability, default=0.7,
+                   help="share of samples conditioned on the clip before (the paper: 0.3 on UCF-101, 0.2 on Sky)")
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
                         "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
