@@ -152,6 +152,24 @@ def setup(args):
     return rank, world, device
 
 
+def rng_states(device, world):
+    """Every rank's random state (CPU, and its GPU's on CUDA), for the checkpoint: a run resumed from it draws the
+    same noise, timesteps and conditioning choices as one that never stopped. Called on all ranks."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, device):
+    """Continue the random streams a checkpoint saved; one from another number of ranks keeps the fresh seed."""
+    if states is not None and len(states) > rank:
+        torch.set_rng_state(states[rank][0])
+        if device.type == "cuda" and len(states[rank]) > 1:
+            torch.cuda.set_rng_state(states[rank][1], device)
+
+
 def wrap_ddp(model, device, world):
     """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks); alone, as it is."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
@@ -196,8 +214,9 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
             dataset.set_epoch(epoch)  # clip start frames for this epoch
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
         mine = order[: per_epoch * batch_size * world][rank::world]  # this rank's share
-        loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(),
-                            num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(), num_workers=workers,
+                            drop_last=True, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(seed + epoch))  # leaves the global stream alone
         try:
             for batch in loader:
                 yield batch

@@ -752,6 +752,10 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     run(*common, "--steps", "1", "--save-every", "1", "--cache-videos", "8")
     run(*common, "--steps", "2", "--save-every", "2", "--cache-videos", "8", "--resume")
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
+    # the same two steps without a stop: the checkpoint's random state makes the resumed run draw the same noise
+    run(*common[:-1], str(tmp_path / "whole"), "--steps", "2", "--save-every", "2", "--cache-videos", "8")
+    whole, resumed = (torch.load(d / "diffusion.pt", weights_only=True) for d in (tmp_path / "whole", tmp_path))
+    assert all(torch.equal(whole[w][k], resumed[w][k]) for w in ("model", "ema") for k in whole[w])
     cache = torch.load(tmp_path / "latents.pt", weights_only=True)
     assert cache["next"].shape[0] == 8 and cache["next"].abs().max() <= 1
     assert cache["source"]["num_shapes"] == 2  # the synthetic videos the autoencoder was trained on
@@ -798,7 +802,7 @@ def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path
     assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
 
 
-@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7]")])
+@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7] for 8-frame clips")])
 def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap, message):
     ae_dir, _ = trained  # clips of 8 frames: 0..7 shared frames make sense
     result = run("train_diffusion.py", "--autoencoder", str(ae_dir / "autoencoder.pt"), "--overlap", overlap,

@@ -19,8 +19,8 @@ import pvdm
 from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
                      check_same_autoencoder, config_changes, fail, learning_rate, learning_rate_value,
                      load_checkpoint, load_file, load_states, log, mean_over_ranks, non_negative_int, optimizer_step,
-                     positive_int, prepare_out, probability, run_main, save_checkpoint, say_if_done, setup,
-                     synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+                     positive_int, prepare_out, probability, restore_rng, rng_states, run_main, save_checkpoint,
+                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -34,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
                         "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
-    p.add_argument("--overlap", type=non_negative_int, help="frames each clip shares with the one before (pvdm.align_condition; "
-                   "default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
+    p.add_argument("--overlap", type=non_negative_int, help="frames each clip shares with the one before "
+                   "(pvdm.align_condition; default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
     p.add_argument("--ema-decay", type=probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def load_frozen_autoencoder(args, device):
-    """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's; conflicting flags are errors."""
+    """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's and the overlap's range."""
     ckpt = load_checkpoint(args.autoencoder, "autoencoder")
     autoencoder = autoencoder_from_checkpoint(ckpt, device, args.autoencoder).requires_grad_(False)
     cfg = autoencoder.cfg
@@ -60,6 +60,9 @@ def load_frozen_autoencoder(args, device):
         if getattr(args, flag) not in (None, want):
             raise SystemExit(f"error: --{flag} {getattr(args, flag)} differs from the autoencoder's {want} "
                              f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
+    args.overlap = pvdm.default_overlap(cfg.frames) if args.overlap is None else args.overlap  # clips share frames
+    if args.overlap >= cfg.frames:
+        raise SystemExit(f"error: --overlap {args.overlap} must lie in [0, {cfg.frames - 1}] for {cfg.frames}-frame clips.")
     return autoencoder, ckpt
 
 
@@ -104,8 +107,7 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
 
 
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
-    """A short video from the EMA weights, sampled as sample.py does by default (DDIM with eta 1): clip 1
-    unconditional, then clips conditioned on the previous."""
+    """A short video from the EMA weights, sampled clip after clip as sample.py does by default (DDIM, eta 1)."""
     gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
     clips = [clip.cpu() for clip, _ in pvdm.generate_video(autoencoder, diffusion, frames, n=2, steps=steps,
                                                           eta=1.0, generator=gen)]
@@ -123,10 +125,6 @@ def main(argv=None):
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
     ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
-    args.overlap = pvdm.default_overlap(autoencoder.cfg.frames) if args.overlap is None else args.overlap
-    if not 0 <= args.overlap < autoencoder.cfg.frames:
-        fail(f"--overlap {args.overlap} must lie in [0, {autoencoder.cfg.frames - 1}]: a clip of "
-             f"{autoencoder.cfg.frames} frames shares fewer frames than it has with the one before.", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
@@ -144,6 +142,7 @@ def main(argv=None):
         check_same_autoencoder(ckpt_path, ckpt["autoencoder"], autoencoder, args.autoencoder)  # its latents only
         load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
         step = ckpt["step"]
+        restore_rng(ckpt.get("rng"), rank, device)  # the same noise as a run that never stopped
     ddp = wrap_ddp(diffusion, device, world)
     scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
     n_params = sum(p.numel() for p in unet.parameters())
@@ -182,13 +181,14 @@ def main(argv=None):
         loss_value = mean_over_ranks(loss, world)
         saving = step % args.save_every == 0 or step == args.steps
         check_finite(loss_value, step, ckpt_path, [unet, ema] if saving else [])  # NaN weights are never saved
+        rng = rng_states(device, world) if saving else None  # gathered from every rank
         meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
             log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | {meter.line(step)}")
         if rank == 0 and saving:
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "args": vars(args), "autoencoder": ae_record}
+                    "step": step, "args": vars(args), "autoencoder": ae_record, "rng": rng}
             save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
             log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
