@@ -620,8 +620,8 @@ def generate_video(autoencoder, diffusion, frames, n=1, **sample_kwargs):
 
 def default_overlap(clip_len):
     """Three quarters of a clip: with 16 frames, 12 shared and 4 new per clip. On the synthetic quick start clips
-    continued each other far better with 12 shared frames than with 8 (README, "Long videos"); the price is
-    sampling time: 29 clips make 128 frames, where the paper's disjoint clips need 8."""
+    continued each other better with 12 shared frames than with 8, at equal training; the price is sampling
+    time: 29 clips make 128 frames, where the paper's disjoint clips need 8 (README, "Long videos")."""
     return clip_len * 3 // 4
 
 
@@ -709,7 +709,7 @@ class DiffusionConfig:
 
 
 AUTOENCODER_PRESETS = {
-    # tiny: 8 latent channels rather than the paper's 4: a better held-out PSNR in a short CPU run (README)
+    # tiny: 8 latent channels rather than the paper's 4: a better held-out PSNR in a short CPU run
     "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1, latent_channels=8),
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4, latent_channels=4),
 }

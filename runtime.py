@@ -97,7 +97,7 @@ def add_data_args(parser):
     parser.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     parser.add_argument("--num-shapes", type=int_in(1, 8),
-                        help="synthetic data only: shapes per video (default 1; 2 is a harder set, see the README)")
+                        help="synthetic data only: shapes per video (default 1; 2 is a harder set)")
     return parser
 
 
@@ -228,7 +228,7 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
 def learning_rate(step, args):
     """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0.
     A pure function of the step, so a resumed run continues the same curve. Ending at a small rate settles
-    the weights (see the README for what it gained the tiny autoencoder)."""
+    the weights: the tiny autoencoder ends sharper than at a constant rate."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.lr_decay == "constant":

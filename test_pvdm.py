@@ -802,7 +802,7 @@ def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path
     assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
 
 
-@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7] for 8-frame clips")])
+@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7], below the clip length")])
 def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap, message):
     ae_dir, _ = trained  # clips of 8 frames: 0..7 shared frames make sense
     result = run("train_diffusion.py", "--autoencoder", str(ae_dir / "autoencoder.pt"), "--overlap", overlap,

@@ -62,7 +62,7 @@ def load_frozen_autoencoder(args, device):
                              f"({args.autoencoder}); drop the flag or train a matching autoencoder.")
     args.overlap = pvdm.default_overlap(cfg.frames) if args.overlap is None else args.overlap  # clips share frames
     if args.overlap >= cfg.frames:
-        raise SystemExit(f"error: --overlap {args.overlap} must lie in [0, {cfg.frames - 1}] for {cfg.frames}-frame clips.")
+        raise SystemExit(f"error: --overlap {args.overlap} must lie in [0, {cfg.frames - 1}], below the clip length.")
     return autoencoder, ckpt
 
 
