@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -513,6 +514,7 @@ def run_continuation(args):
           f"levels (real videos {result['jump_real']:.1f}; the true next latent decoded {result['jump_true_latent']:.1f}); "
           f"PSNR of the first {args.new_frames} new frames {result['psnr']:.2f} dB (unconditional samples "
           f"{result['psnr_unconditional']:.2f} dB; the true next latent decoded {result['psnr_true_latent']:.2f} dB)")
+    args.json = args.json or os.path.join(os.path.dirname(args.diffusion), "continuation.json")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
@@ -560,7 +562,7 @@ def main(argv=None):
     p.add_argument("--num-videos", type=positive_int, default=64, help="held-out videos, one window each")
     p.add_argument("--new-frames", type=positive_int, default=4, help="first new frames compared with the real ones")
     p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps (eta 1), as sample.py")
-    p.add_argument("--json", default="continuation.json", help="where the figures are written")
+    p.add_argument("--json", help="where the figures are written (default: continuation.json beside --diffusion)")
     add_data_args(p)
     p.set_defaults(split="test")
     add_common_args(p, i3d=False)
