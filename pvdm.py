@@ -564,28 +564,34 @@ class GaussianDiffusion(nn.Module):
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
         cond = None if prev is None else self.align(prev)
+        known = self.known_rows(z) if cond is not None and self.cfg.overlap else None  # (1, 1, N), once per clip
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             eps = self.guided_eps(z, torch.full((n,), t, device=device), cond, guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
-            if cond is not None and self.cfg.overlap:
-                z = self.keep_known_rows(z, cond, t_prev, generator)
+            if known is not None:
+                z = self.keep_known_rows(z, cond, known, t_prev, generator)
             if progress is not None:
                 progress(i + 1, steps)
         return z
 
-    def keep_known_rows(self, z, cond, t, generator=None):
+    def known_rows(self, z):
+        """(1, 1, N) bool mask of what a new clip shares with the one before: rows 0..k-1 of z_h and z_w. z_s
+        summarises the whole new clip, so it is never known."""
+        known = self.align(torch.ones_like(z[:1, :1]))  # (1, 1, N): 1 on z_s and on rows 0..k-1 of z_h and z_w
+        known[..., : self.model.cfg.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
+        return known.bool()
+
+    def keep_known_rows(self, z, cond, known, t, generator=None):
         """With overlapping clips the first `overlap` rows of the new clip's z_h and z_w show frames the previous
         clip has already made: replace them by the aligned condition noised to level t (clean after the last
         step), as in inpainting with a diffusion model, so the shared frames agree exactly and the UNet
-        makes the rest fit them. z_s summarises the whole new clip, so it is never known."""
-        known = self.align(torch.ones_like(z[:1, :1]))  # (1, 1, N): 1 on z_s and on rows 0..k-1 of z_h and z_w
-        known[..., : self.model.cfg.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
+        makes the rest fit them."""
         if t >= 0:
             ab = self.alpha_bar[t]
             cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
-        return torch.where(known.bool(), cond, z)
+        return torch.where(known, cond, z)
 
     def ddim_step(self, z, eps, t, t_prev, eta, generator=None):
         """One update z_t -> z_{t_prev}: predict z_0, then move along the predicted noise direction."""
