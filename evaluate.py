@@ -1,8 +1,11 @@
 """
-Evaluate PVDM: FVD of generated videos and the autoencoder's reconstruction quality.
+Evaluate PVDM: FVD of generated videos, the autoencoder's reconstruction quality, and how long samples compare
+with real videos and with the autoencoder's reconstructions of them.
 
     python evaluate.py fvd --real-data NAME --real-dir DIR --fake-dir DIR [--frames 16]
     python evaluate.py recon --autoencoder CKPT --data NAME --data-dir DIR
+    python evaluate.py fidelity --fake-dir DIR          # after sample.py --frames 128 --num-videos 48 --out DIR
+    python evaluate.py continuation                     # teacher-forced: the clip after a real clip
 
 FVD (Unterthiner et al. 2018) is the Frechet distance between Gaussians fitted to I3D features of
 real and of generated clips. Like StyleGAN-V, whose protocol the PVDM paper follows, we take the
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -33,8 +37,8 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, make_dataset, DATASETS, SPLITS
-from runtime import (add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint, load_diffusion,
+from data import DataError, make_dataset, write_video, DATASETS, SPLITS
+from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint, load_diffusion,
                      load_file, non_negative_int, positive_int, resolve_device, run_main, save_checkpoint,
                      synthetic_options, trained_num_shapes)
 
@@ -396,7 +400,116 @@ def ssim(x, y, window=11, sigma=1.5):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The two commands
+# 6. Fidelity of long videos: what the synthetic renderer knows exactly, and FVD per window
+# ----------------------------------------------------------------------------------------------
+
+# A pixel belongs to a shape when one of its channels lies this many grey levels from the background: the
+# renderer's shapes are at least 115 brighter than its backgrounds in their brightest channel.
+SHAPE_CONTRAST = 56
+
+
+def neighbours(mask):
+    """(N, H, W) bool -> the pixels with a 4-connected neighbour in `mask` (pixels outside the frame are not)."""
+    m = F.pad(mask.float(), (1, 1, 1, 1))                        # (N, H + 2, W + 2)
+    return (m[:, :-2, 1:-1] + m[:, 2:, 1:-1] + m[:, 1:-1, :-2] + m[:, 1:-1, 2:]) > 0
+
+
+def fill_holes(mask):
+    """(N, H, W) bool -> the mask with every region it encloses added: the pixels that cannot reach the frame's
+    border through pixels outside the mask. A hollow shape thus keeps its inside, which the fill figure judges."""
+    free, outside = ~mask, torch.zeros_like(mask)
+    outside[:, [0, -1]], outside[:, :, [0, -1]] = free[:, [0, -1]], free[:, :, [0, -1]]
+    while True:                                                  # grow the outside inwards, one pixel per pass
+        grown = outside | (free & neighbours(outside))
+        if torch.equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
+def shape_track(video):
+    """One video (3, T, H, W) in [-1, 1] of the synthetic world, split into background and shape per frame.
+    Returns grey levels: background (3, T), the median colour of the shape's inner pixels (3, T), their mean
+    deviation from it (T,) and the shape's centre in pixels (T, 2); NaN where a frame shows no shape."""
+    grey = (video.float() + 1) * 127.5                           # (3, T, H, W), 0-255
+    background = grey.flatten(2).median(dim=2).values            # (3, T): the shape covers at most a sixth
+    mask = (grey - background[..., None, None]).abs().amax(0) > SHAPE_CONTRAST  # (T, H, W)
+    shape = fill_holes(mask)                                     # (T, H, W): outline and everything inside it
+    inner = shape & ~neighbours(~shape)                          # one pixel in from the anti-aliased edge
+    pixels = torch.where(inner, grey, torch.nan).flatten(2)      # (3, T, H*W), NaN outside the shape
+    colour = pixels.nanmedian(dim=2).values                      # (3, T)
+    fill = (pixels - colour[..., None]).abs().mean(0).nanmean(1)  # (T,)
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grey.shape[2:]), indexing="ij")
+    area = shape.flatten(1).sum(1).float()                       # (T,)
+    centre = torch.stack([(shape * xs).flatten(1).sum(1), (shape * ys).flatten(1).sum(1)], 1) / area[:, None]
+    return background, colour, fill, centre                      # centre (T, 2): NaN where area is 0
+
+
+def shape_figures(video, window):
+    """The per-video figures of the fidelity table, from shape_track; speeds over the first and last `window`
+    frames. A shape keeps its colour, fill and speed in the renderer, so real videos score about 0 change."""
+    background, colour, fill, centre = shape_track(video)
+    found = ~colour.isnan().any(0)                               # (T,) frames that show a shape
+    first = colour[:, found][:, :1] if found.any() else colour[:, :1]
+    speed = (centre[1:] - centre[:-1]).norm(dim=1)               # (T - 1,) pixels per frame, NaN next to no shape
+    return {"colour_change": (colour - first).abs().mean(0).nanmean().item(),
+            "speed_first": speed[:window - 1].nanmean().item(), "speed_last": speed[-(window - 1):].nanmean().item(),
+            "fill_deviation": fill.nanmean().item(),
+            "background_change": (background - background[:, :1]).abs().mean(0).mean().item(),
+            "frames_with_shape": 100 * found.float().mean().item()}, background[:, 0]
+
+
+def group_figures(videos, window):
+    """Figures of one group of videos (a list of (3, T, H, W)): the mean of each per-video figure, the speed's
+    last / first ratio, and the spread of backgrounds: the mean grey-level distance between two videos' first
+    backgrounds, which falls when samples lose the data's diversity."""
+    per_video, backgrounds = zip(*(shape_figures(v, window) for v in videos))
+    out = {key: torch.tensor([f[key] for f in per_video]).nanmean().item() for key in per_video[0]}
+    out["speed_ratio"] = out["speed_last"] / out["speed_first"] if out["speed_first"] > 0 else math.nan
+    bg = torch.stack(backgrounds)                                # (N, 3)
+    pairs = torch.triu_indices(len(bg), len(bg), offset=1)
+    out["background_spread"] = (bg[pairs[0]] - bg[pairs[1]]).abs().mean(1).mean().item()
+    return out
+
+
+def reconstruct(autoencoder, videos):
+    """(B, 3, L, H, W) -> the autoencoder's reconstruction, clip by clip (the last clip ends at frame L)."""
+    T, L = autoencoder.cfg.frames, videos.shape[2]
+    out = torch.empty_like(videos)
+    for start in sorted({*range(0, L - T + 1, T), L - T}):
+        out[:, :, start:start + T] = autoencoder.decode(autoencoder.encode(videos[:, :, start:start + T]))
+    return out
+
+
+def through_mp4(videos, folder):
+    """Videos (B, 3, L, H, W) written with data.write_video and read back, as sample.py's videos are: every
+    column of the fidelity table then passes the same codec."""
+    out = []
+    for i, video in enumerate(videos):
+        path = os.path.join(folder, f"{i}.mp4")
+        write_video(path, video.cpu())
+        out.append(read_video(path))                             # (3, L, H, W)
+    return out
+
+
+def fvd_per_window(i3d, columns, reference, batch_size):
+    """{column: {window: FVD}}: each column's videos (name: (videos, windows)) cut into its windows, against the
+    reference clips' features."""
+    progress = Progress(sum(len(videos) * len(windows) for videos, windows in columns.values()))
+    out = {}
+    for name, (videos, windows) in columns.items():
+        feats = {span: [] for span in windows}
+        for i in range(0, len(videos), batch_size):
+            batch = torch.stack(videos[i:i + batch_size])        # (B, 3, L, H, W)
+            for start, stop in windows:
+                feats[start, stop].append(i3d_logits(i3d, batch[:, :, start:stop]))
+                progress.advance(f"I3D features of the {name}", len(batch))
+        out[name] = {span: fvd(reference, torch.cat(f)) for span, f in feats.items()}
+    progress.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The commands
 # ----------------------------------------------------------------------------------------------
 
 
@@ -520,6 +633,108 @@ def run_continuation(args):
     print(f"wrote {args.json}")
 
 
+FIDELITY_ROWS = {  # figure: what the table calls it
+    "colour_change": "shape colour change from frame 1 (grey levels)",
+    "speed_first": "shape speed, first window (px per frame)",
+    "speed_last": "shape speed, last window (px per frame)",
+    "speed_ratio": "speed last / first",
+    "fill_deviation": "inner pixels' deviation from the shape's colour",
+    "background_change": "background change from frame 1",
+    "background_spread": "background spread across videos",
+    "frames_with_shape": "frames showing a shape (%)",
+}
+
+
+@torch.no_grad()
+def run_fidelity(args):
+    """Sampled long videos against real videos of the same data and against the autoencoder's reconstructions
+    of them (stage 2 cannot beat its autoencoder). All three columns pass the same mp4 codec. Videos come in
+    groups of --group-size; each figure is the mean over groups with its range, since a figure over a few videos
+    moves from one set to the next. FVD per window pools all videos of a column."""
+    paths = list_videos(args.fake_dir)
+    groups = len(paths) // args.group_size
+    if groups == 0:
+        raise SystemExit(f"error: {args.fake_dir} holds {len(paths)} videos, fewer than --group-size "
+                         f"{args.group_size}; sample more (sample.py --num-videos) or lower --group-size.")
+    info = json.loads((Path(args.fake_dir) / "samples.json").read_text()) \
+        if (Path(args.fake_dir) / "samples.json").is_file() else {}
+    args.autoencoder = args.autoencoder or info.get("autoencoder")
+    if args.autoencoder is None:
+        raise SystemExit(f"error: {args.fake_dir} has no samples.json naming its autoencoder; pass --autoencoder.")
+    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
+    autoencoder = autoencoder_from_checkpoint(ckpt, args.device, args.autoencoder)
+    fake = [read_video(p) for p in paths[:groups * args.group_size]]    # (3, L, H, W) each
+    length, size = min(v.shape[1] for v in fake), fake[0].shape[2:]
+    if length < args.window or any(v.shape[2:] != size for v in fake):
+        raise SystemExit(f"error: the videos in {args.fake_dir} must share one frame size and hold at least "
+                         f"--window {args.window} frames; sample them again with one sample.py command.")
+    fake = [v[:, :length] for v in fake]
+    trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None
+    options = dict(resolution=autoencoder.cfg.resolution, split=args.split, frame_stride=args.frame_stride,
+                   seed=args.seed, **synthetic_options(args, trained))
+    dataset = make_dataset(args.data, args.data_dir, frames=length, **options)
+
+    # the real videos, and their reconstructions clip by clip, through the codec the samples went through
+    real, recon = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for x in real_batches(dataset, len(fake), args.batch_size, args.workers, args.seed):
+            x = x.to(args.device)                                # (B, 3, L, H, W)
+            real += through_mp4(x, folder)
+            recon += through_mp4(reconstruct(autoencoder, x), folder)
+    columns = {"real": real, "reconstructions": recon, "samples": fake}
+    split = lambda videos: [videos[g * args.group_size:(g + 1) * args.group_size] for g in range(groups)]
+
+    figures = {}
+    if args.data == "synthetic" and getattr(dataset, "num_shapes", 1) == 1:
+        for name, videos in columns.items():
+            per_group = [group_figures(group, args.window) for group in split(videos)]
+            for key in FIDELITY_ROWS:
+                values = [g[key] for g in per_group]
+                figures.setdefault(key, {})[name] = {"mean": sum(values) / groups, "min": min(values),
+                                                     "max": max(values), "groups": values}
+    windows = [(k * args.window, (k + 1) * args.window) for k in range(length // args.window)]
+    fvds = {}
+    if not args.no_fvd:
+        i3d = load_i3d(args.cache_dir, args.device)
+        window_data = make_dataset(args.data, args.data_dir, frames=args.window, **options)
+        print(f"I3D features of {args.num_real} real {args.window}-frame clips (the FVD reference) ...")
+        reference = i3d_features(i3d, real_batches(window_data, args.num_real, args.batch_size, args.workers,
+                                                   args.seed + 1), [(0, args.window)])[0, args.window]
+        # real videos and their reconstructions do not drift: their first and last windows show it, at less cost
+        ends = sorted({windows[0], windows[-1]})
+        fvds = fvd_per_window(i3d, {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)},
+                              reference, args.batch_size)
+    print_fidelity(args, figures, fvds, windows, groups, length, info)
+
+
+def print_fidelity(args, figures, fvds, windows, groups, length, info):
+    """One table, columns real / reconstructions / samples (and samples over reconstructions), and the JSON."""
+    names = ["real", "reconstructions", "samples"]
+    cell = lambda f: f"{f['mean']:.2f} ({f['min']:.2f}-{f['max']:.2f})" if groups > 1 else f"{f['mean']:.2f}"
+    rows = [[FIDELITY_ROWS[key]] + [cell(f[n]) for n in names] + [f"{f['samples']['mean'] / f['reconstructions']['mean']:.2f}"]
+            for key, f in figures.items()]
+    value = lambda name, span: f"{fvds[name][span]:.1f}" if span in fvds[name] else "-"
+    rows += [[f"FVD{args.window} frames {a + 1}-{b}"] + [value(n, (a, b)) for n in names]
+             + [f"{fvds['samples'][a, b] / fvds['reconstructions'][a, b]:.2f}" if (a, b) in fvds["reconstructions"]
+                else "-"] for a, b in (windows if fvds else [])]
+    header = ["", "real", "reconstructions", "samples", "samples / recon."]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print(f"fidelity of {groups} group(s) of {args.group_size} videos, {length} frames each: mean over groups "
+          f"(lowest-highest); FVD on all {groups * args.group_size} videos of a column against {args.num_real} real "
+          f"clips; videos from {args.fake_dir} ({sampling_info(args.fake_dir)}), real: {args.data} {args.split} "
+          f"split, reconstructions: {args.autoencoder}")
+    for row in [header] + rows:
+        print("  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths))))
+    result = {"figures": figures, "fvd": {n: {f"{a + 1}-{b}": v for (a, b), v in f.items()} for n, f in fvds.items()},
+              "groups": groups, "group_size": args.group_size, "frames": length, "window": args.window,
+              "num_real": args.num_real, "data": args.data, "split": args.split, "autoencoder": args.autoencoder,
+              "samples": info}
+    args.json = args.json or os.path.join(args.fake_dir, "fidelity.json")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+
+
 def add_common_args(parser, i3d=True):
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per forward pass")
     parser.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -567,6 +782,19 @@ def main(argv=None):
     p.set_defaults(split="test")
     add_common_args(p, i3d=False)
     p.set_defaults(run=run_continuation)
+
+    p = commands.add_parser("fidelity", help="long samples against real videos and their reconstructions")
+    p.add_argument("--fake-dir", default="samples", help="folder of videos written by one sample.py command")
+    p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one samples.json names)")
+    p.add_argument("--group-size", type=int_in(2), default=16, help="videos per group; figures are given per group")
+    p.add_argument("--window", type=int_in(MIN_FRAMES, 1024), default=16, help="frames per FVD window and speed window")
+    p.add_argument("--num-real", type=int_in(2), default=128, help="real clips of --window frames, the FVD reference")
+    p.add_argument("--no-fvd", action="store_true", help="only the synthetic world's figures (no I3D: fast)")
+    p.add_argument("--json", help="where the figures are written (default: fidelity.json in --fake-dir)")
+    add_data_args(p)
+    p.set_defaults(split="test")
+    add_common_args(p)
+    p.set_defaults(run=run_fidelity)
 
     args = parser.parse_args(argv)
     args.device = str(resolve_device(args.device))

@@ -161,6 +161,19 @@ def test_tiny_autoencoder_overfits_one_clip():
     assert end > 26 and end > start + 15, (start, end)
 
 
+def test_latent_noise_reaches_the_decoder_in_training_only():
+    x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    noisy, exact = tiny_ae(resolution=16, frames=8, latent_noise=0.2), tiny_ae(resolution=16, frames=8)
+    exact.load_state_dict(noisy.state_dict())
+    runs = lambda ae: [ae(x)[1] for _ in range(2)]
+    a, b = runs(noisy.train())
+    assert (a - b).abs().mean() > 1e-3                           # fresh noise on the planes at every step
+    for ae in (noisy.eval(), exact.train()):                    # no noise to evaluate, or without latent_noise
+        a, b = runs(ae)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, ae.decode_unclamped(ae.encode(x)))
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = tiny_ae()
@@ -1763,6 +1776,102 @@ def test_recon_command_reports_psnr_ssim_and_rfvd(i3d_cache, tmp_path, capsys):
     assert headline.startswith("PSNR ") and ", SSIM " in headline and f", rFVD{cfg.frames} " in headline
     # held out clips like the ones the autoencoder learnt: two shapes each
     assert "2 clips of synthetic with 2 shapes per video (test split" in headline and "16x16" in headline
+
+
+# -- Fidelity of long videos: the synthetic world's exact figures
+
+def test_fill_holes_fills_what_a_mask_encloses_and_nothing_else():
+    ring = torch.zeros(1, 7, 7, dtype=torch.bool)
+    ring[0, 1:6, 1:6], ring[0, 2:5, 2:5] = True, False          # a hollow square
+    notch = ring.clone()
+    notch[0, 3, 5] = False                                       # opened to the outside: nothing enclosed
+    assert evaluate.fill_holes(ring)[0, 1:6, 1:6].all() and evaluate.fill_holes(ring).sum() == 25
+    assert torch.equal(evaluate.fill_holes(notch), notch)
+
+
+def test_shape_track_finds_the_rendered_shape():
+    dataset = make_dataset("synthetic", resolution=32, frames=8, split="test")
+    video = dataset.render(0, range(8))                          # (3, 8, 32, 32): frames 0..7 of video 0
+    background, shapes = dataset.video_params(0)
+    (kind, colour, radius, start, velocity), = shapes
+    bg, found_colour, fill, centre = evaluate.shape_track(video)
+    assert torch.allclose(bg, torch.tensor(background * 255).float()[:, None].expand(3, 8), atol=1)
+    assert torch.allclose(found_colour, torch.tensor(colour * 255).float()[:, None].expand(3, 8), atol=1)
+    assert fill.max() < 1
+    x = dataset.bounce(start[0], velocity[0], radius, np.arange(8)) * 32 - 0.5  # pixel coordinates
+    assert np.allclose(centre[:, 0].numpy(), x, atol=0.5)  # a centre of whole pixels
+
+
+def broken(kind, video):
+    """The same video with one property of the synthetic world broken."""
+    if kind == "colour":                                         # the shape's hue turns over the video
+        turn = torch.linspace(0, 1, video.shape[1])[None, :, None, None]
+        return video * (1 - turn) + video[[1, 2, 0]] * turn
+    if kind == "motion":                                         # everything stops after the first window
+        return torch.cat([video[:, :16], video[:, 15:16].expand(-1, video.shape[1] - 16, -1, -1)], dim=1)
+    background = video.flatten(2).median(dim=2).values[..., None, None]  # (3, T, 1, 1)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)) % 2 == 0  # "fill": every other pixel as background
+    return torch.where(checker, background, video)
+
+
+@pytest.mark.parametrize("kind, figure", [("colour", "colour_change"), ("motion", "speed_ratio"),
+                                          ("fill", "fill_deviation")])
+def test_fidelity_figures_tell_a_broken_video_from_the_untouched_one(kind, figure):
+    videos = list(synthetic_clips(4, frames=48))
+    intact = evaluate.group_figures(videos, window=16)
+    spoilt = evaluate.group_figures([broken(kind, v) for v in videos], window=16)
+    assert intact["colour_change"] < 1 and intact["fill_deviation"] < 1 and 0.9 < intact["speed_ratio"] < 1.1
+    if figure == "speed_ratio":
+        assert spoilt["speed_ratio"] < 0.1 < intact["speed_ratio"]
+    else:
+        assert spoilt[figure] > 10 + intact[figure]
+
+
+def test_background_spread_falls_when_videos_share_a_background():
+    videos = list(synthetic_clips(4, frames=16))
+    alike = [torch.where(v == v.flatten(1).median(1).values[:, None, None, None], videos[0][:, :1, :1, :1], v)
+             for v in videos]                                    # every background painted as the first one's
+    assert evaluate.group_figures(alike, 16)["background_spread"] < 1 < evaluate.group_figures(videos, 16)[
+        "background_spread"]
+
+
+def write_samples(folder, videos, autoencoder):
+    """Videos written the way sample.py writes them, with its samples.json."""
+    folder.mkdir(exist_ok=True)
+    for i, video in enumerate(videos):
+        data.write_video(folder / f"video_{i:04d}.mp4", video)
+    (folder / "samples.json").write_text(json.dumps({"sampler": "ddim", "steps": 50, "autoencoder": autoencoder}))
+
+
+@pytest.fixture(scope="module")
+def saved_autoencoder(tmp_path_factory):
+    cfg = pvdm.AutoencoderConfig(resolution=32, frames=16, patch=4, dim=16, depth=1, heads=2)
+    path = tmp_path_factory.mktemp("ae") / "ae.pt"
+    runtime.save_checkpoint({"kind": "autoencoder", "config": asdict(cfg), "num_shapes": 1,
+                             "model": pvdm.ProjectedAutoencoder(cfg).state_dict()}, path)
+    return str(path)
+
+
+def test_fidelity_command_prints_real_reconstructions_and_samples(saved_autoencoder, tmp_path, capsys):
+    # "samples" that are real test videos with frozen motion: their speed ratio falls, the real one does not;
+    # the real videos pass the mp4 codec too, which moves their colour by about a grey level
+    write_samples(tmp_path / "s", [broken("motion", v) for v in synthetic_clips(4, frames=32)], saved_autoencoder)
+    evaluate.main(["fidelity", "--fake-dir", str(tmp_path / "s"), "--group-size", "2", "--no-fvd", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "fidelity of 2 group(s) of 2 videos, 32 frames each" in out and "speed last / first" in out
+    figures = json.loads((tmp_path / "s" / "fidelity.json").read_text())["figures"]
+    assert figures["speed_ratio"]["samples"]["max"] < 0.1 < 0.9 < figures["speed_ratio"]["real"]["min"]
+    assert figures["colour_change"]["real"]["mean"] < 3 and len(figures["fill_deviation"]["samples"]["groups"]) == 2
+
+
+@needs_weights
+def test_fidelity_command_gives_fvd_per_window(saved_autoencoder, i3d_cache, tmp_path, capsys):
+    write_samples(tmp_path / "s", synthetic_clips(2, frames=32), saved_autoencoder)
+    evaluate.main(["fidelity", "--fake-dir", str(tmp_path / "s"), "--group-size", "2", "--num-real", "2",
+                   "--cache-dir", str(i3d_cache), "--workers", "0"])
+    fvds = json.loads((tmp_path / "s" / "fidelity.json").read_text())["fvd"]
+    assert set(fvds) == {"real", "reconstructions", "samples"} and set(fvds["samples"]) == {"1-16", "17-32"}
+    assert "FVD16 frames 17-32" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
