@@ -245,8 +245,13 @@ class ProjectedAutoencoder(nn.Module):
 
     def forward(self, x):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
-        of the 'background only' solution that L1 alone gets stuck in on sparse moving content."""
-        x_hat = self.decode_unclamped(self.encode(x))
+        of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
+        the decoder learns from planes with Gaussian noise added: stage 2's samples are never exact, and a decoder
+        that has only seen exact planes turns their small errors into hollow shapes and shifted colours."""
+        planes = self.encode(x)
+        if self.training and self.cfg.latent_noise > 0:
+            planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]
+        x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
         return loss, x_hat
 
@@ -655,6 +660,7 @@ class AutoencoderConfig:
     latent_channels: int = 4
     l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
+    latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
     grad_checkpointing: bool = False
 
     def __post_init__(self):

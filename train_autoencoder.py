@@ -33,6 +33,9 @@ def parse_args(argv=None):
     # only" solution, which L2 escapes, so L2 is the default here; --l1-weight 1 --l2-weight 0 follows the paper.
     p.add_argument("--l1-weight", type=float_in(0), default=0.0, help="weight of the L1 pixel loss")
     p.add_argument("--l2-weight", type=float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
+    p.add_argument("--latent-noise", type=float_in(0),
+                   help="std of Gaussian noise added to the latent planes the decoder learns from (default: the "
+                        "preset's), so that it decodes stage 2's inexact samples as clean videos")
     p.add_argument("--gan-start", type=non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
     p.add_argument("--gan-weight", type=float_in(0), help="weight of the adversarial loss (default 0.1)")
@@ -50,7 +53,8 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
                grad_checkpointing=args.grad_checkpointing)
-    flags = (("resolution", args.resolution), ("frames", args.frames), ("latent_channels", args.latent_channels))
+    flags = (("resolution", args.resolution), ("frames", args.frames), ("latent_channels", args.latent_channels),
+             ("latent_noise", args.latent_noise))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
