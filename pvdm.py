@@ -531,7 +531,18 @@ class GaussianDiffusion(nn.Module):
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
             ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
             target = ab.sqrt() * noise - (1 - ab).sqrt() * z0
-        return F.mse_loss(out.float(), target.float())
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
+        return (self.loss_weight(t) * per_sample).mean()
+
+    def loss_weight(self, t):
+        """Weight of each sample's loss (B,) by its timestep: 1 (the paper's plain MSE) unless cfg.min_snr = gamma
+        > 0, then Min-SNR-gamma (Hang et al. 2023). An eps loss weighs z_0's squared error by SNR_t, a v loss by
+        SNR_t + 1; Min-SNR makes both min(SNR_t, gamma), so the nearly clean steps, where a small model spends
+        its effort on fine detail, stop outweighing the noisy ones, where a clip's layout and motion are decided."""
+        if not self.cfg.min_snr:
+            return torch.ones(t.shape, device=t.device)
+        snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])  # (B,) signal-to-noise ratio alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=self.cfg.min_snr) / (snr if self.cfg.prediction == "eps" else snr + 1)
 
     def align(self, z_prev):
         """The previous clip's latent placed as this model was trained to see it (align_condition)."""
@@ -714,10 +725,13 @@ class DiffusionConfig:
     cond_prob: float = 0.3  # paper: 0.3 on UCF-101, 0.2 on SkyTimelapse
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
     overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
+    min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
+        if self.min_snr < 0:
+            raise ValueError(f"min_snr must be 0 (off) or positive (got {self.min_snr}).")
 
 
 AUTOENCODER_PRESETS = {

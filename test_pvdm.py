@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict
 from functools import partial
 from types import SimpleNamespace
+from unittest import mock
 
 import av
 import imageio.v3 as iio
@@ -391,6 +392,38 @@ def test_training_loss_is_zero_for_the_true_denoiser_of_one_latent(prediction):
     assert diffusion(z0.repeat(64, 1, 1), z0.repeat(64, 1, 1), torch.ones(64, dtype=torch.bool)) < 1e-8
     diffusion.model = wrong  # the other target's output must not pass for this one
     assert diffusion(z0.repeat(64, 1, 1), z0.repeat(64, 1, 1), torch.ones(64, dtype=torch.bool)) > 1e-2
+
+
+class Planted(torch.nn.Module):
+    """A denoiser's output with a constant error planted in it."""
+
+    def __init__(self, denoiser, error):
+        super().__init__()
+        self.denoiser, self.error = denoiser, error
+
+    def forward(self, *inputs):
+        return self.denoiser(*inputs) + self.error
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
+    """Min-SNR (Hang et al. 2023): a model whose z_0 estimate is off by e at timestep t pays min(SNR_t, gamma) e^2,
+    for either target; with min_snr 0 it pays the target's plain MSE. The error e is planted in the output."""
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
+    z0 = torch.rand(1, 4, diffusion.model.cfg.num_tokens) * 2 - 1
+    exact = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, prediction)
+    e = 0.1
+    for t in (5, 300, 900):                                    # SNR far above 5, about 5, far below 5
+        ab = diffusion.alpha_bar[t]
+        snr = (ab / (1 - ab)).item()
+        # an error e in z_0 is an error e sqrt(SNR) in eps and e sqrt(SNR + 1) in v (from z_t = sqrt(ab) z_0 + ...)
+        scale = math.sqrt(snr) if prediction == "eps" else math.sqrt(snr + 1)
+        diffusion.model = Planted(exact, e * scale)
+        with mock.patch("torch.randint", lambda *a, **k: torch.full((8,), t)):
+            for gamma, paid in ((0.0, snr if prediction == "eps" else snr + 1), (5.0, min(snr, 5.0))):
+                diffusion.cfg.min_snr = gamma
+                loss = diffusion(z0.repeat(8, 1, 1), z0.repeat(8, 1, 1), torch.ones(8, dtype=torch.bool))
+                assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma)
 
 
 def test_prediction_follows_the_preset_unless_given():
