@@ -331,6 +331,15 @@ def real_batches(dataset, n, batch_size, workers, seed):
         n, epoch = n - len(order), epoch + 1
 
 
+def counted(batches, total, what):
+    """Pass batches of clips through, with a progress line: I3D features take seconds per clip on a CPU."""
+    progress = Progress(total)
+    for batch in batches:
+        yield batch
+        progress.advance(f"{what}: {progress.done + len(batch)}/{total} clips", len(batch))
+    progress.close()
+
+
 def list_videos(folder):
     """The videos in `folder`, one per name: sample.py may write name.mp4 and name.gif of the same
     sample, which must count once (the mp4 is kept)."""
@@ -538,10 +547,11 @@ def run_fvd(args):
     real_spans = [(0, args.frames)] + ([(0, args.window)] if windows else [])
     print(f"I3D features of {args.num_real} real {args.real_data} clips ...")
     real_clips = real_batches(dataset, args.num_real, args.batch_size, args.workers, args.seed)
-    real = i3d_features(i3d, real_clips, real_spans)
+    real = i3d_features(i3d, counted(real_clips, args.num_real, "real clips"), real_spans)
     print(f"I3D features of {len(paths)} videos from {args.fake_dir} ...")
     needed = max([args.frames] + [stop for _, stop in windows])
-    fake = i3d_features(i3d, fake_batches(paths, needed, size, args.batch_size), [(0, args.frames)] + windows)
+    fake = i3d_features(i3d, counted(fake_batches(paths, needed, size, args.batch_size), len(paths), "videos"),
+                        [(0, args.frames)] + windows)
 
     # Drift along long videos: each window of the samples against real clips of the window's length.
     for start, stop in windows:
@@ -571,7 +581,8 @@ def run_recon(args):
                            split=args.split, frame_stride=args.frame_stride, seed=args.seed,
                            **synthetic_options(args, trained))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
-    for x in real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed):
+    for x in counted(real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed), args.num_clips,
+                     "reconstructed clips"):
         x = x.to(args.device)                                    # (B, 3, T, R, R)
         x_hat = ae.decode(ae.encode(x))                          # (B, 3, T, R, R), clamped to [-1, 1]
         n += len(x)
@@ -677,7 +688,8 @@ def run_fidelity(args):
     # the real videos, and their reconstructions clip by clip, through the codec the samples went through
     real, recon = [], []
     with tempfile.TemporaryDirectory() as folder:
-        for x in real_batches(dataset, len(fake), args.batch_size, args.workers, args.seed):
+        videos = real_batches(dataset, len(fake), args.batch_size, args.workers, args.seed)
+        for x in counted(videos, len(fake), "real videos, reconstructed"):
             x = x.to(args.device)                                # (B, 3, L, H, W)
             real += through_mp4(x, folder)
             recon += through_mp4(reconstruct(autoencoder, x), folder)
@@ -697,9 +709,8 @@ def run_fidelity(args):
     if not args.no_fvd:
         i3d = load_i3d(args.cache_dir, args.device)
         window_data = make_dataset(args.data, args.data_dir, frames=args.window, **options)
-        print(f"I3D features of {args.num_real} real {args.window}-frame clips (the FVD reference) ...")
-        reference = i3d_features(i3d, real_batches(window_data, args.num_real, args.batch_size, args.workers,
-                                                   args.seed + 1), [(0, args.window)])[0, args.window]
+        clips = real_batches(window_data, args.num_real, args.batch_size, args.workers, args.seed + 1)
+        reference = i3d_features(i3d, counted(clips, args.num_real, "real clips"), [(0, args.window)])[0, args.window]
         # real videos and their reconstructions do not drift: their first and last windows show it, at less cost
         ends = sorted({windows[0], windows[-1]})
         fvds = fvd_per_window(i3d, {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)},
