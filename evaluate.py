@@ -604,8 +604,12 @@ def run_continuation(args):
     and compare with what really came next. sample.py measures the model on its own clips; this measures it on
     real ones, which tells a model that never learnt to use the condition (its new frames no closer to the real
     ones than unconditional samples are) from one that only drifts on its own samples."""
-    autoencoder, diffusion, step, ae_path = load_diffusion(args.diffusion, args.device)
+    autoencoder, diffusion, step, ae_path = load_diffusion(args.diffusion, args.device, args.autoencoder)
     (T, size, _), k, R = autoencoder.cfg.latent_size, diffusion.cfg.overlap, autoencoder.cfg.resolution
+    args.new_frames = args.new_frames or min(4, T - k)  # a clip adds T - k frames to the one before
+    if args.new_frames > T - k:
+        raise SystemExit(f"error: --new-frames {args.new_frames} exceeds the {T - k} frame(s) each clip of "
+                         f"{args.diffusion} adds (clips of {T} frames sharing {k}); use at most {T - k}.")
     trained = trained_num_shapes(load_checkpoint(ae_path, "autoencoder")) if args.data == "synthetic" else None
     dataset = make_dataset(args.data, args.data_dir, resolution=R, frames=T, split=args.split, pairs=True,
                            frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args, trained))
@@ -614,6 +618,8 @@ def run_continuation(args):
     sums, n, generator = {}, 0, torch.Generator(args.device).manual_seed(args.seed)
     for window, has_prev in real_batches(dataset, args.num_videos, args.batch_size, args.workers, args.seed):
         window = window[has_prev].to(args.device)  # (B, 3, 2T, R, R): real frames 0..2T-1, previous clip first
+        if len(window) == 0:  # none of these videos holds two clips
+            continue
         real_prev, real_next = window[:, :, T - 1], window[:, :, T: T + args.new_frames]  # last seen, next real
         decode = lambda z: autoencoder.decode(pvdm.unpack(z, T, size, size))[:, :, k:]  # frames T, T+1, ...
         z_prev = pvdm.pack(autoencoder.encode(window[:, :, :T]))
@@ -786,7 +792,9 @@ def main(argv=None):
     p = commands.add_parser("continuation", help="teacher-forced: sample the clip after a real clip, compare")
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
     p.add_argument("--num-videos", type=positive_int, default=64, help="held-out videos, one window each")
-    p.add_argument("--new-frames", type=positive_int, default=4, help="first new frames compared with the real ones")
+    p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one recorded in --diffusion)")
+    p.add_argument("--new-frames", type=positive_int,
+                   help="first new frames compared with the real ones (default 4, or what a clip adds if fewer)")
     p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps (eta 1), as sample.py")
     p.add_argument("--json", help="where the figures are written (default: continuation.json beside --diffusion)")
     add_data_args(p)

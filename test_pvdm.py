@@ -1342,6 +1342,18 @@ def test_teacher_forced_continuation_reports_the_real_jump_and_writes_json(tmp_p
     assert result["psnr_true_latent"] > result["psnr_unconditional"]  # the true latent beats random clips
 
 
+def test_continuation_compares_no_more_frames_than_a_clip_adds(tmp_path, capsys):
+    """Clips of 16 sharing 15 frames add 1 frame each: that is what is compared by default, and more is refused."""
+    _, diff_path = save_pair(tmp_path, overlap=15)
+    flags = ["continuation", "--diffusion", diff_path, "--num-videos", "2", "--steps", "2", "--workers", "0",
+             "--json", str(tmp_path / "c.json")]
+    with pytest.raises(SystemExit, match="--new-frames 2 exceeds the 1 frame"):
+        evaluate.main(flags + ["--new-frames", "2"])
+    evaluate.main(flags)
+    assert json.loads((tmp_path / "c.json").read_text())["new_frames"] == 1
+    assert "PSNR of the first 1 new frames" in capsys.readouterr().out
+
+
 def test_same_seed_same_video_and_other_seed_differs(pair, tmp_path):
     """Bit-exact before the codec (contact sheets and latents are lossless PNGs); the H.264 encoder itself
     is not always bit-exact from run to run, so the decoded mp4s are compared with a small tolerance."""
