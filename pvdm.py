@@ -247,7 +247,7 @@ class ProjectedAutoencoder(nn.Module):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
         the decoder learns from planes with Gaussian noise added: stage 2's samples are never exact, and a decoder
-        that has only seen exact planes turns their small errors into hollow shapes and shifted colours."""
+        that has only seen exact planes turns their errors into shifted colours and broken fill."""
         planes = self.encode(x)
         if self.training and self.cfg.latent_noise > 0:
             planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]

@@ -1909,6 +1909,15 @@ def test_fidelity_command_prints_real_reconstructions_and_samples(saved_autoenco
     assert figures["colour_change"]["real"]["mean"] < 3 and len(figures["fill_deviation"]["samples"]["groups"]) == 2
 
 
+def test_fidelity_refuses_too_few_videos_and_a_table_with_nothing_in_it(saved_autoencoder, tmp_path):
+    write_samples(tmp_path / "s", synthetic_clips(2, frames=16), saved_autoencoder)
+    flags = ["fidelity", "--fake-dir", str(tmp_path / "s"), "--no-fvd", "--workers", "0"]
+    with pytest.raises(SystemExit, match="holds 2 videos, fewer than --group-size 16"):
+        evaluate.main(flags)
+    with pytest.raises(SystemExit, match="the shape figures need synthetic videos with one shape"):
+        evaluate.main(flags + ["--group-size", "2", "--num-shapes", "2"])
+
+
 @needs_weights
 def test_fidelity_command_gives_fvd_per_window(saved_autoencoder, i3d_cache, tmp_path, capsys):
     write_samples(tmp_path / "s", synthetic_clips(2, frames=32), saved_autoencoder)

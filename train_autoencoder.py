@@ -34,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=float_in(0), default=0.0, help="weight of the L1 pixel loss")
     p.add_argument("--l2-weight", type=float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
     p.add_argument("--latent-noise", type=float_in(0),
-                   help="std of Gaussian noise added to the latent planes the decoder learns from (default: the "
-                        "preset's), so that it decodes stage 2's inexact samples as clean videos")
+                   help="std of Gaussian noise added to the latent planes the decoder learns from, so that it "
+                        "learns to decode stage 2's inexact samples (default 0: off)")
     p.add_argument("--gan-start", type=non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
     p.add_argument("--gan-weight", type=float_in(0), help="weight of the adversarial loss (default 0.1)")
