@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 
@@ -331,6 +332,20 @@ def real_batches(dataset, n, batch_size, workers, seed):
         n, epoch = n - len(order), epoch + 1
 
 
+CLIPS_PER_VIDEO = 16  # at most, from a split that holds far fewer videos than clips are asked of it
+
+
+def clips_that_fit(n, dataset, flag):
+    """n, or CLIPS_PER_VIDEO clips per video where the split is far smaller than that: more clips of a few videos
+    only repeat them, at seconds of I3D each on a CPU. Says so in one line."""
+    cap = CLIPS_PER_VIDEO * len(dataset)
+    if n <= cap or cap == 0:  # an empty split is refused by real_batches
+        return n
+    print(f"warning: the real split holds {len(dataset)} video(s), so {cap} clips ({CLIPS_PER_VIDEO} per video) are "
+          f"drawn, not {flag} {n}.", file=sys.stderr)
+    return cap
+
+
 def counted(batches, total, what):
     """Pass batches of clips through, with a progress line: I3D features take seconds per clip on a CPU."""
     progress = Progress(total)
@@ -551,6 +566,7 @@ def run_fvd(args):
                            **synthetic_options(args))
     real_spans = [(0, args.frames)] + ([(0, args.window)] if windows else [])
     print(f"I3D features of {args.num_real} real {args.real_data} clips ...")
+    args.num_real = clips_that_fit(args.num_real, dataset, "--num-real")
     real_clips = real_batches(dataset, args.num_real, args.batch_size, args.workers, args.seed)
     real = i3d_features(i3d, counted(real_clips, args.num_real, "real clips"), real_spans)
     print(f"I3D features of {len(paths)} videos from {args.fake_dir} ...")
@@ -586,6 +602,7 @@ def run_recon(args):
                            split=args.split, frame_stride=args.frame_stride, seed=args.seed,
                            **synthetic_options(args, trained))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
+    args.num_clips = clips_that_fit(args.num_clips, dataset, "--num-clips")
     for x in counted(real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed), args.num_clips,
                      "reconstructed clips"):
         x = x.to(args.device)                                    # (B, 3, T, R, R)
@@ -621,6 +638,7 @@ def run_continuation(args):
     grey = lambda x: (x.float() + 1) * 127.5  # [-1, 1] -> grey levels 0-255
     jump = lambda a, b: (grey(a) - grey(b)).abs().flatten(1).mean(1)  # (B,) mean change between two frames
     sums, n, generator = {}, 0, torch.Generator(args.device).manual_seed(args.seed)
+    args.num_videos = clips_that_fit(args.num_videos, dataset, "--num-videos")
     for window, has_prev in real_batches(dataset, args.num_videos, args.batch_size, args.workers, args.seed):
         window = window[has_prev].to(args.device)  # (B, 3, 2T, R, R): real frames 0..2T-1, previous clip first
         if len(window) == 0:  # none of these videos holds two clips
@@ -723,6 +741,7 @@ def run_fidelity(args):
     if not args.no_fvd:
         i3d = load_i3d(args.cache_dir, args.device)
         window_data = make_dataset(args.data, args.data_dir, frames=args.window, **options)
+        args.num_real = clips_that_fit(args.num_real, window_data, "--num-real")
         clips = real_batches(window_data, args.num_real, args.batch_size, args.workers, args.seed + 1)
         reference = i3d_features(i3d, counted(clips, args.num_real, "real clips"), [(0, args.window)])[0, args.window]
         # real videos and their reconstructions do not drift: their first and last windows show it, at less cost

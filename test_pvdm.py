@@ -1825,6 +1825,13 @@ def test_recon_command_reports_psnr_ssim_and_rfvd(i3d_cache, tmp_path, capsys):
 
 # -- Fidelity of long videos: the synthetic world's exact figures
 
+def test_clip_counts_fit_a_small_split(capsys):
+    """A split of 3 videos gives at most 16 clips each, with a warning; a large one gives what was asked."""
+    assert evaluate.clips_that_fit(256, [None] * 3, "--num-clips") == 3 * evaluate.CLIPS_PER_VIDEO
+    assert "holds 3 video(s), so 48 clips (16 per video) are drawn, not --num-clips 256" in capsys.readouterr().err
+    assert evaluate.clips_that_fit(256, [None] * 1000, "--num-clips") == 256 and capsys.readouterr().err == ""
+
+
 def test_fill_holes_fills_what_a_mask_encloses_and_nothing_else():
     ring = torch.zeros(1, 7, 7, dtype=torch.bool)
     ring[0, 1:6, 1:6], ring[0, 2:5, 2:5] = True, False          # a hollow square
