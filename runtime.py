@@ -6,20 +6,27 @@ checkpoint I/O, and the frame-change measure sample.py reports. A module, not a 
 import argparse
 import atexit
 import contextlib
+import glob
 import math
 import os
 import pickle
 import re
+import shlex
+import signal
+import socket
 import sys
 import time
 import warnings
 from dataclasses import asdict
+from stat import S_ISREG
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import pvdm
@@ -188,6 +195,53 @@ def fail(message, distributed=False):
     raise SystemExit(f"error: {message}")
 
 
+def check_fits(args, device, world, build):
+    """The paper preset, before it allocates anything: the memory one training step needs on this rank, estimated on
+    fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
+    backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
+    and names the flag that fits, rather than a kernel's kill minutes later. build(batch) -> (model, its loss)."""
+    if args.preset != "paper":
+        return
+    kept = {}  # storage -> bytes of every tensor saved for backward
+
+    def keep(t):
+        kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+    with FakeTensorMode(), FlopCounterMode(display=False) as flops, autocast("cpu", args.precision):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model, loss = build(args.batch_size // world)
+        loss.backward()
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
+    if need > free:
+        days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
+        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
+               "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
+        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
+                         f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here, but this "
+                         f"{device.type} has {free / 2**30:.0f} GB free; {fix}.")
+
+
+def free_ram():
+    """Memory the kernel can still give this process (Linux: MemAvailable), else the machine's total."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return 1024 * int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def matmul_speed(device, n=1024, calls=4):
+    """FLOP/s of this device on a square matmul: an upper bound on what training reaches."""
+    a = torch.randn(n, n, device=device)
+    (a @ a).sum().item()
+    start = time.perf_counter()
+    for _ in range(calls):
+        b = a @ a
+    b.sum().item()  # waits for the GPU
+    return calls * 2 * n**3 / (time.perf_counter() - start)
+
+
 def autocast(device, precision):
     """The one mixed-precision context of every forward pass; a no-op in fp32. device: a torch.device or its type."""
     if precision == "fp32":
@@ -235,6 +289,15 @@ def learning_rate(step, args):
         return args.lr
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def new_scaler(device, args, state=None):
+    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved: its scale and its
+    count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never stopped."""
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def optimizer_step(loss, opt, scaler, lr):
@@ -388,7 +451,7 @@ def save_checkpoint(obj, path):
     bad = nonfinite(obj)
     if bad is not None:
         raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -431,7 +494,10 @@ CHECKPOINT_KEYS = {"autoencoder": ("config", "model"),
 def load_checkpoint(path, kind, resume=False):
     """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind and keys."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path.")
+        stem, ext = os.path.splitext(path)
+        aside = sorted(glob.glob(f"{glob.escape(stem)}.[0-9]*{ext}"))  # what --start-over set aside
+        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path" + (
+            f" (--start-over set {aside[-1]} aside: rename it to {path} to resume it)." if aside else "."))
     fix = f"pass a checkpoint that train_{kind}.py wrote"
     ckpt = load_file(path, f"the {kind} checkpoint", fix)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
@@ -570,28 +636,39 @@ def check_out_dir(out, names, formats, overwrite):
                          f"{same[0]}; pass --overwrite to replace them, or another --out.")
 
 
+HOST = socket.gethostname()
+# run.lock holds 'pvdm run PID@HOST'; a bare pid is a lock of this host from before hosts were recorded
+LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)
+
+
 def take_lock(out):
-    """One run per folder: OUT/run.lock holds the pid of the run using it, created atomically (O_CREAT | O_EXCL),
-    removed at exit. A lock whose process is gone (a killed run) is stale and taken over, so kill -9 never leaves
-    the folder stuck."""
+    """One run per folder: OUT/run.lock names the run using it (pid and host), created atomically (O_CREAT | O_EXCL),
+    removed at exit. A lock of this host whose process is gone (a killed run) is stale and taken over, so kill -9
+    never leaves the folder stuck; a lock of another host, or one this project did not write, is never removed."""
     lock = os.path.join(out, "run.lock")
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                text, age = open(lock).read().strip(), time.time() - os.path.getmtime(lock)
+                info = os.lstat(lock)
+                text = open(lock, "rb").read(200).decode("ascii", "replace").strip() if S_ISREG(info.st_mode) else None
             except FileNotFoundError:
                 continue  # released meanwhile
-            pid = int(text) if text.isdigit() else None
-            if pid is None and age < 10 or pid not in (None, os.getpid()) and pid_alive(pid):  # empty: being written
-                raise SystemExit(f"error: another run (pid {pid or 'unknown'}) is using {out}; wait for it to finish, "
-                                 f"or pass another --out (if no such run exists, delete {lock}).")
+            found, young = text and LOCK_TEXT.fullmatch(text), time.time() - info.st_mtime < 10
+            pid, host = (int(found[1]), found[2] or HOST) if found else (None, None)
+            if text is None or not found and not young:  # a FIFO would hang the read: never opened
+                what = "is not a regular file" if text is None else f"holds {text[:40]!r}, not a lock this project wrote"
+                raise SystemExit(f"error: {lock} {what}; if no run uses {out}, delete it, or pass another --out.")
+            if not found or host != HOST or pid != os.getpid() and pid_alive(pid):  # empty and young: being written
+                who = f"pid {pid or 'unknown'}" + (f" on host {host}" if host not in (None, HOST) else "")
+                raise SystemExit(f"error: another run ({who}) is using {out}; wait for it to finish, or pass another "
+                                 f"--out (if no such run exists, delete {lock}).")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(lock)  # stale: its run is gone
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"pvdm run {os.getpid()}@{HOST}")
         atexit.register(release_lock, lock)
         return
     raise SystemExit(f"error: could not take {lock}; another run is starting on {out}: pass another --out.")
@@ -599,15 +676,22 @@ def take_lock(out):
 
 def release_lock(lock):
     with contextlib.suppress(OSError):
-        if open(lock).read().strip() == str(os.getpid()):
+        if S_ISREG(os.lstat(lock).st_mode) and open(lock).read() == f"pvdm run {os.getpid()}@{HOST}":
             os.remove(lock)
 
 
+def temporary(path, pid=None):
+    """Where save_checkpoint writes before renaming: the project's marker, the host and the pid in the name, so that
+    only leftovers this project can tell are its own (and whose run is gone) are ever removed."""
+    return f"{path}.pvdm-tmp.{HOST}.{pid or os.getpid()}"
+
+
 def remove_stale_temporaries(out):
-    """Temporary files (name.tmp<pid>) of saves that died half-way: nothing else removes them."""
+    """Temporary files of saves that died half-way on this host: nothing else removes them."""
+    ours = re.compile(rf".+\.pvdm-tmp\.{re.escape(HOST)}\.(\d{{1,9}})", re.ASCII)
     for name in os.listdir(out):
-        found = re.search(r"\.tmp(\d+)$", name)
-        if found and (int(found.group(1)) == os.getpid() or not pid_alive(int(found.group(1)))):
+        found = ours.fullmatch(name)
+        if found and (int(found[1]) == os.getpid() or not pid_alive(int(found[1]))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, name))
 
@@ -615,13 +699,11 @@ def remove_stale_temporaries(out):
 def prepare_out(args, name, rank, world):
     """--out made safe to train in, and the checkpoint path OUT/name. Rank 0 locks the folder, removes stale
     temporary files and refuses to let a fresh run overwrite a checkpoint: --resume continues it, --start-over
-    keeps it beside the new one, renamed with the time. Every rank stops together on a refusal."""
+    (in begin_training, once every input is checked) keeps it beside the new one. Every rank stops together."""
     path, message = os.path.join(args.out, name), None
     if rank == 0:
         try:
-            kept = claim_out(args, path)
-            if kept:
-                log(rank, args.out, f"--start-over: the old checkpoint is kept as {kept}")
+            claim_out(args, path)
         except SystemExit as error:
             message = str(error).removeprefix("error: ")
     if world > 1:
@@ -634,29 +716,49 @@ def prepare_out(args, name, rank, world):
 
 
 def claim_out(args, path):
-    """prepare_out on rank 0; returns where --start-over put the old checkpoint, or None."""
+    """prepare_out on rank 0."""
     if args.resume and args.start_over:
         raise SystemExit("error: --resume continues the checkpoint in --out and --start-over sets it aside; pass one.")
     make_out_dir(args.out)
     take_lock(args.out)
     remove_stale_temporaries(args.out)
-    if args.resume or not os.path.exists(path):
-        return None
-    if not args.start_over:
+    if not (args.resume or args.start_over) and os.path.exists(path):
         raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume to continue it, "
                          "--start-over to train a new one (the old one is kept beside it, renamed), or another --out.")
-    stem, ext = os.path.splitext(path)
-    kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
-    kept = f"{stem}.{time.time_ns()}{ext}" if os.path.exists(kept) else kept  # two start-overs within a second
-    os.replace(path, kept)
-    return kept
+
+
+def begin_training(args, path, rank):
+    """Called once every input is checked, as training is about to write. --start-over now sets the old checkpoint
+    aside, renamed with the time (so a typo in a flag never leaves the folder without one), and Ctrl-C from here on
+    ends in one line saying what was kept and how to resume."""
+    if rank == 0 and args.start_over and os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
+        kept = f"{stem}.{time.time_ns()}{ext}" if os.path.exists(kept) else kept  # two start-overs within a second
+        os.replace(path, kept)
+        log(rank, args.out, f"--start-over: the old checkpoint is kept as {kept}")
+    signal.signal(signal.SIGINT, lambda *_: interrupted(path, rank))
+
+
+def interrupted(path, rank):
+    """Ctrl-C in training: what was kept, and the command that continues it."""
+    if rank:
+        raise SystemExit(1)  # rank 0 says it
+    if not os.path.exists(path):
+        raise SystemExit("interrupted before the first checkpoint, so nothing was kept; run the command again.")
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    argv = [a for a in sys.argv if a != "--start-over"] + ["--resume"] * ("--resume" not in sys.argv)
+    raise SystemExit(f"interrupted: the last checkpoint, {path}, holds step {step}; continue it with: "
+                     f"python {shlex.join(argv)}")
 
 
 def run_main(main):
-    """A script's entry point: an OSError that escapes main (a full disk, a folder removed under a running job)
-    ends in one line, not a traceback."""
+    """A script's entry point: an OSError that escapes main (a full disk, a folder removed under a running job) or
+    Ctrl-C ends in one line, not a traceback."""
     try:
         main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted.") from None
     except OSError as error:
         raise SystemExit(f"error: {error}; free some space or fix the path, then run again (training: --resume).")
 

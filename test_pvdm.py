@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def own_ctrl_c():
+    """A training main() run in this process sets its Ctrl-C handler; pytest gets its own back after each test."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 def tiny_ae(**overrides):
@@ -1531,10 +1540,10 @@ def test_one_run_per_folder_and_a_killed_runs_leftovers_are_cleared(tmp_path):
         live.kill()
         live.wait()
     (tmp_path / "run.lock").write_text(str(dead.pid))  # what kill -9 leaves behind
-    (tmp_path / f"autoencoder.pt.tmp{dead.pid}").write_bytes(b"half a save")
+    (tmp_path / runtime.temporary("autoencoder.pt", dead.pid)).write_bytes(b"half a save")
     runtime.prepare_out(args, "autoencoder.pt", 0, 1)
-    assert (tmp_path / "run.lock").read_text() == str(os.getpid())
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert (tmp_path / "run.lock").read_text() == f"pvdm run {os.getpid()}@{runtime.HOST}"
+    assert not list(tmp_path.glob("*tmp*"))
     runtime.release_lock(str(tmp_path / "run.lock"))
 
 

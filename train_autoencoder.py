@@ -13,10 +13,11 @@ import torch
 
 import data
 import pvdm
-from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, float_in, int_in,
-                     learning_rate, learning_rate_value, load_checkpoint, load_states, log, mean_over_ranks,
-                     non_negative_int, optimizer_step, positive_int, prepare_out, run_main, save_checkpoint,
-                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+from runtime import (Meter, add_common_args, autocast, batches, begin_training, check_finite, check_fits,
+                     config_changes, fail, float_in, int_in, learning_rate, learning_rate_value, load_checkpoint,
+                     load_states, log, mean_over_ranks, new_scaler, non_negative_int, optimizer_step, positive_int,
+                     prepare_out, run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown,
+                     trained_num_shapes, wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -62,6 +63,12 @@ def model_config(args):
         raise SystemExit(f"error: {e}")
 
 
+def sized_step(cfg, batch):
+    """The model and its loss on `batch` clips of noise: what check_fits sizes up, on fake tensors."""
+    model = pvdm.ProjectedAutoencoder(cfg)
+    return model, model(torch.randn(batch, 3, cfg.frames, cfg.resolution, cfg.resolution))[0]
+
+
 @torch.no_grad()
 def held_out_psnr(model, clips, device, precision):
     """Held-out reconstruction PSNR, plus the reconstructions for the preview."""
@@ -83,6 +90,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = model_config(args)
     rank, world, device = setup(args)
+    check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
     ckpt_path = prepare_out(args, "autoencoder.pt", rank, world)  # locked; a trained checkpoint is never overwritten
 
     # model, discriminator and optimisers; on resume everything comes back from the checkpoint
@@ -97,13 +105,17 @@ def main(argv=None):
         if differs:
             fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume with the "
                  "same flags.", world > 1)
+        if "disc" in ckpt and not disc:  # resuming without it would drop the discriminator's training
+            gan_start = ckpt.get("args", {}).get("gan_start")
+            fail(f"{ckpt_path} holds a trained discriminator; resume with --gan-start {gan_start} to keep training it.",
+                 world > 1)
         load_states(ckpt_path, ckpt, model=model, optimizer=opt)
         if disc and "disc" in ckpt:
             load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
         step = ckpt["step"]
     ddp, ddp_disc = wrap_ddp(model, device, world), disc and wrap_ddp(disc, device, world)
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")  # loss scaling, in fp16 only
-    disc_scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    scaler, disc_scaler = (new_scaler(device, args, ckpt.get(key) if args.resume else None)  # loss scaling, fp16 only
+                           for key in ("scaler", "disc_scaler"))
     n_params = sum(p.numel() for p in model.parameters())
     log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "
         f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
@@ -125,6 +137,7 @@ def main(argv=None):
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
+    begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
         x = next(stream).to(device, non_blocking=True)
@@ -153,7 +166,8 @@ def main(argv=None):
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes}
+                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes,
+                    "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict()}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
             save_checkpoint(ckpt, ckpt_path)  # refuses NaN or inf weights: a good checkpoint is never replaced by them

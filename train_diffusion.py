@@ -16,11 +16,12 @@ import torch.distributed as dist
 
 import data
 import pvdm
-from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
-                     check_same_autoencoder, config_changes, fail, float_in, learning_rate, learning_rate_value,
-                     load_checkpoint, load_file, load_states, log, mean_over_ranks, non_negative_int, optimizer_step,
-                     positive_int, prepare_out, probability, restore_rng, rng_states, run_main, save_checkpoint,
-                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, begin_training,
+                     check_finite, check_fits, check_same_autoencoder, config_changes, fail, float_in, learning_rate,
+                     learning_rate_value, load_checkpoint, load_file, load_states, log, mean_over_ranks, new_scaler,
+                     non_negative_int, optimizer_step, positive_int, prepare_out, probability, restore_rng, rng_states,
+                     run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown, trained_num_shapes,
+                     wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -110,6 +111,13 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     return torch.utils.data.TensorDataset(cache["prev"], cache["next"], cache["has_prev"])
 
 
+def sized_step(ucfg, dcfg, batch):
+    """The model and its loss on `batch` noise latents, half conditioned: what check_fits sizes up, on fake tensors."""
+    diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg)
+    z, z_prev = torch.randn(2, batch, ucfg.latent_channels, ucfg.num_tokens)
+    return diffusion, diffusion(z, z_prev, torch.arange(batch) % 2 == 0)
+
+
 def save_preview(out, step, autoencoder, diffusion, frames, steps):
     """A short video from the EMA weights, sampled clip after clip as sample.py does by default (DDIM, eta 1)."""
     gen = torch.Generator(device=diffusion.betas.device).manual_seed(0)
@@ -128,9 +136,13 @@ def main(argv=None):
     # the frozen autoencoder, and the UNet sized for its latent planes
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
-    ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
+    try:
+        ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
+    except ValueError as error:  # a preset too deep for the autoencoder's latent planes
+        fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
                                 min_snr=args.min_snr)
+    check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))  # the paper preset: is there memory?
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
@@ -149,7 +161,7 @@ def main(argv=None):
         step = ckpt["step"]
         restore_rng(ckpt.get("rng"), rank, device)  # the same noise as a run that never stopped
     ddp = wrap_ddp(diffusion, device, world)
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+    scaler = new_scaler(device, args, ckpt.get("scaler") if args.resume else None)  # loss scaling, fp16 only
     n_params = sum(p.numel() for p in unet.parameters())
     log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
         f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
@@ -168,6 +180,7 @@ def main(argv=None):
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     say_if_done(rank, args, ckpt_path, step)
+    begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
         if args.latent_cache:
@@ -193,7 +206,8 @@ def main(argv=None):
         if rank == 0 and saving:
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "args": vars(args), "autoencoder": ae_record, "rng": rng}
+                    "step": step, "args": vars(args), "autoencoder": ae_record, "rng": rng,
+                    "scaler": scaler.state_dict()}
             save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
             log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
