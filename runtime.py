@@ -486,9 +486,18 @@ def load_file(path, what, fix):
     raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
 
 
-# What every checkpoint of a kind holds, and what resuming from it needs besides.
-CHECKPOINT_KEYS = {"autoencoder": ("config", "model"),
-                   "diffusion": ("unet_config", "diffusion_config", "model", "ema", "autoencoder")}
+# What every checkpoint of a kind holds (each entry's type; dotted: an entry inside one), and what resuming needs besides.
+CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
+                   "diffusion": {"unet_config": dict, "diffusion_config": dict, "model": dict, "ema": dict,
+                                 "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
+RESUME_KEYS = {"optimizer": dict, "step": int}
+
+
+def entry(tree, dotted):
+    """tree["a"]["b"] for "a.b", or None where a level is missing or not a dict."""
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 def load_checkpoint(path, kind, resume=False):
@@ -503,9 +512,13 @@ def load_checkpoint(path, kind, resume=False):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; {fix}.")
-    missing = [k for k in CHECKPOINT_KEYS[kind] + (("optimizer", "step") if resume else ()) if k not in ckpt]
+    wanted = CHECKPOINT_KEYS[kind] | (RESUME_KEYS if resume else {})
+    missing = [k for k in wanted if entry(ckpt, k) is None]
     if missing:
         raise SystemExit(f"error: {path} lacks {', '.join(missing)}, so it is incomplete; {fix}.")
+    wrong = [k for k, kind_of in wanted.items() if not isinstance(entry(ckpt, k), kind_of)]
+    if wrong:
+        raise SystemExit(f"error: {path} holds {', '.join(wrong)} of the wrong type, so it is damaged; {fix}.")
     return ckpt
 
 
@@ -513,7 +526,7 @@ def rebuilt(path, build):
     """build() a model from a loaded checkpoint, answering a config or weights this code cannot use in one line."""
     try:
         return build()
-    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
         raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a model from "
                          f"({str(error).splitlines()[0][:200]}); pass a checkpoint this version wrote.") from None
 
@@ -628,6 +641,10 @@ def check_out_dir(out, names, formats, overwrite):
     ours = {f"{name}.{fmt}" for name in names for fmt in formats}
     videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
     stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
+    special = [f for f in same if not S_ISREG(os.lstat(os.path.join(out, f)).st_mode)]
+    if special:  # writing into a FIFO would hang; a link or folder would be followed or fail half-way
+        raise SystemExit(f"error: {os.path.join(out, special[0])} is not a regular file; remove it or pick another "
+                         "--out.")
     if stale:
         raise SystemExit(f"error: {out} already holds {len(stale)} other video(s) such as {stale[0]}; "
                          "pick an empty --out or remove them.")
@@ -639,6 +656,19 @@ def check_out_dir(out, names, formats, overwrite):
 HOST = socket.gethostname()
 # run.lock holds 'pvdm run PID@HOST'; a bare pid is a lock of this host from before hosts were recorded
 LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)
+
+
+@contextlib.contextmanager
+def removed_on_failure(paths):
+    """Files being written that are removed if the block fails (a full disk, Ctrl-C): half a video is never left to
+    pass for a whole one."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
 
 
 def take_lock(out):

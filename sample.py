@@ -22,7 +22,7 @@ import data
 import pvdm
 from runtime import (Continuity, Progress, autocast, check_out_dir, device_name, finite_float, float_in, fmt_time,
                      int_in, load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, run_main,
-                     take_lock)
+                     removed_on_failure, take_lock)
 
 
 def parse_args(argv=None):
@@ -84,10 +84,11 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, conti
     """Generate one batch of videos clip by clip, appending each clip's new frames to its files at once."""
     every, made = max(1, autoencoder.cfg.frames // 4), 0  # contact sheets: every 4th frame of a 16-frame clip
     sheets = [[] for _ in names]  # memory grows by a quarter of the frames, not by the whole video
-    with contextlib.ExitStack() as files:  # closes every file, also when sampling fails half-way
-        writers = [[files.enter_context(contextlib.closing(data.VideoWriter(path, args.fps)))
-                    for path in (os.path.join(args.out, f"{name}.{fmt}") for fmt in args.format)]
-                   for name in names]  # writers[i]: the files of video i
+    paths = [[os.path.join(args.out, f"{name}.{fmt}") for fmt in args.format] for name in names]
+    # closes every file, and removes them all if sampling fails half-way (a full disk, Ctrl-C): no part-video is left
+    with removed_on_failure(sum(paths, [])), contextlib.ExitStack() as files:
+        writers = [[files.enter_context(contextlib.closing(data.VideoWriter(path, args.fps))) for path in video]
+                   for video in paths]  # writers[i]: the files of video i
         clips = pvdm.generate_video(autoencoder, diffusion, args.frames, n=len(names), generator=generator,
                                     progress=progress, **sample_kwargs)
         for k, (video, z) in enumerate(clips):  # video (n, 3, <=T, H, W): the new frames; z (n, C, N)

@@ -824,6 +824,13 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
                 "--prediction", "eps", check=False)
     assert other.returncode != 0 and "different UNet or diffusion config" in other.stderr
     assert torch.load(tmp_path / "diffusion.pt", weights_only=True)["step"] == 2
+    # a stale cache stops --start-over before it sets the checkpoint aside; a damaged cache is one line too
+    other = run(*common, "--steps", "3", "--cache-videos", "4", "--start-over", check=False)
+    assert "was encoded from other data" in other.stderr and not list(tmp_path.glob("diffusion.*.pt"))
+    cache["prev"] = cache["prev"][:, :1]
+    torch.save(cache, tmp_path / "latents.pt")
+    other = run(*common, "--steps", "3", "--cache-videos", "8", "--resume", check=False)
+    assert other.returncode != 0 and "is damaged" in other.stderr.splitlines()[-1], other.stderr
 
 
 def test_a_flag_that_refines_another_is_refused_without_it(tmp_path, capsys):
@@ -1446,8 +1453,14 @@ def bad_files(tmp_path_factory, pair):
     ucf = fake_ucf(root / "ucf")
     (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("Nobody/v_Nobody_g01_c01.avi\n")  # an empty split
     ckpt = torch.load(pair[1], weights_only=True)
+    torch.save({**ckpt, "autoencoder": {"fingerprint": "0"}}, root / "no_record.pt")  # a nested entry missing
     ckpt["ema"] = {k: v * float("nan") for k, v in ckpt["ema"].items()}
     torch.save(ckpt, root / "nan_diffusion.pt")  # torch.save: save_checkpoint would refuse it
+    torch.save({**torch.load(pair[0], weights_only=True), "config": "tiny"}, root / "config_string.pt")
+    for n in (1, 2):
+        (root / f"{n}_videos").mkdir()
+        for i in range(n):
+            data.write_video(root / f"{n}_videos" / f"video_{i:04d}.mp4", torch.zeros(3, 16, 32, 32))
     return root
 
 
@@ -1482,6 +1495,13 @@ BAD_INPUTS = [
     ("evaluate.py fvd --fake-dir {out} --num-real 0", "argument --num-real: 0 is out of range"),
     ("evaluate.py fvd --fake-dir {out} --device cuda:x", "choose cpu, cuda or cuda:N"),
     ("evaluate.py recon --autoencoder {bad}/keyless.pt", "lacks config, model"),
+    # round 3: the paper preset on a machine without its memory, nested and mistyped entries, flags that do nothing
+    ("train_autoencoder.py --preset paper --batch-size 256", "pass --preset tiny"),
+    ("train_diffusion.py --autoencoder {bad}/config_string.pt", "holds config of the wrong type"),
+    ("sample.py --diffusion {bad}/no_record.pt", "lacks autoencoder.path"),
+    ("train_autoencoder.py --data-dir {bad}", "drop --data-dir or pass --data folder"),
+    ("evaluate.py fvd --fake-dir {bad}/1_videos", "FVD needs at least 2 generated videos"),
+    ("evaluate.py fvd --fake-dir {bad}/2_videos --cache-dir {bad}/a_file", "is a file, not a folder"),
 ]
 
 
@@ -1663,6 +1683,122 @@ def test_a_malformed_probe_cache_is_probed_again(tmp_path):
         for f in data.CACHE_DIR.glob("probe-*.json"):
             f.write_text(junk)
         assert len(build("folder", tmp_path / "v")[0]) == 1
+    for f in data.CACHE_DIR.glob("probe-*.json"):  # a FIFO would hang the read: it is never opened
+        f.unlink()
+        os.mkfifo(f)
+    assert len(build("folder", tmp_path / "v")[0]) == 1
+
+
+# -- Faults, round 3 (issue 21): nothing set aside before the inputs are checked, every state kept on resume, only
+#    the project's own leftovers removed, Ctrl-C and special files answered in one line
+
+def test_start_over_checks_every_input_before_setting_the_checkpoint_aside(trained, tmp_path):
+    import train_autoencoder
+    import train_diffusion
+
+    ae_dir, dm_dir = trained
+    (tmp_path / "autoencoder.pt").write_bytes((ae_dir / "autoencoder.pt").read_bytes())
+    (tmp_path / "diffusion.pt").write_bytes((dm_dir / "diffusion.pt").read_bytes())
+    flags = ["--start-over", "--workers", "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="does not exist"):  # a typo in --data-dir
+        train_autoencoder.main([*TINY, *flags, "--data", "folder", "--data-dir", str(tmp_path / "typo")])
+    with pytest.raises(SystemExit, match="no autoencoder checkpoint at"):  # a typo in --autoencoder
+        train_diffusion.main([*flags, "--autoencoder", str(tmp_path / "typo.pt")])
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["autoencoder.pt", "diffusion.pt"]
+    # what --start-over set aside is named when --resume finds no checkpoint
+    (tmp_path / "diffusion.pt").rename(tmp_path / "diffusion.20260101-000000.pt")
+    with pytest.raises(SystemExit, match=r"--start-over set .*diffusion.20260101-000000.pt aside: rename it to"):
+        train_diffusion.main(["--resume", "--workers", "0", "--out", str(tmp_path),
+                              "--autoencoder", str(tmp_path / "autoencoder.pt")])
+
+
+def test_a_gan_phase_run_resumes_only_with_its_discriminator(tmp_path):
+    import train_autoencoder
+
+    flags = [*TINY, "--eval-clips", "2", "--out", str(tmp_path)]
+    train_autoencoder.main([*flags, "--steps", "2", "--gan-start", "1"])
+    with pytest.raises(SystemExit, match="holds a trained discriminator; resume with --gan-start 1"):
+        train_autoencoder.main([*flags, "--steps", "3", "--resume"])
+    train_autoencoder.main([*flags, "--steps", "3", "--resume", "--gan-start", "1"])
+    ckpt = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
+    assert ckpt["step"] == 3 and "disc" in ckpt and "disc_optimizer" in ckpt
+
+
+def test_fp16_resume_continues_the_loss_scale(tmp_path):
+    """GradScaler counts steps since the last overflow to grow its scale: a resumed run must count on, not restart."""
+    import train_autoencoder
+
+    flags = [*TINY, "--eval-clips", "2", "--precision", "fp16", "--save-every", "2"]
+    train_autoencoder.main([*flags, "--steps", "4", "--out", str(tmp_path / "whole")])
+    train_autoencoder.main([*flags, "--steps", "2", "--out", str(tmp_path / "resumed")])
+    train_autoencoder.main([*flags, "--steps", "4", "--out", str(tmp_path / "resumed"), "--resume"])
+    whole, resumed = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True) for d in ("whole", "resumed"))
+    assert whole["scaler"]["_growth_tracker"] == 4 and resumed["scaler"] == whole["scaler"]
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    command = ["train_autoencoder.py", *TINY, "--steps", "1000", "--save-every", "2", "--eval-clips", "2",
+               "--out", str(out)]
+    training = subprocess.Popen([sys.executable, *command], cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while training.poll() is None and "saved" not in ((out / "log.txt").read_text() if (out / "log.txt").exists()
+                                                      else ""):
+        time.sleep(0.01)
+    training.send_signal(signal.SIGINT)
+    stderr = training.communicate(timeout=60)[1]
+    step = torch.load(out / "autoencoder.pt", weights_only=True)["step"]
+    assert training.returncode != 0 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: the last checkpoint, {out / 'autoencoder.pt'}, holds "
+                                               f"step {step}; continue it with: python {' '.join(command)} --resume")
+    assert not (out / "run.lock").exists()
+
+
+def test_only_this_projects_own_leftovers_of_this_host_are_removed(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), resume=True, start_over=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, theirs = runtime.temporary("autoencoder.pt", dead.pid), f"autoencoder.pt.pvdm-tmp.elsewhere.{dead.pid}"
+    users = ["draft.tmp999999", f"autoencoder.pt.tmp{dead.pid}", theirs]  # a user's, an old name's, another host's
+    for name in [mine, *users]:
+        (tmp_path / name).write_text("x")
+    lock = tmp_path / "run.lock"
+    for text, message in ((f"pvdm run {dead.pid}@elsewhere", f"another run \\(pid {dead.pid} on host elsewhere\\)"),
+                          ("9" * 40, "not a lock this project wrote"), ("\u0661\u0662", "not a lock this project wrote")):
+        lock.write_text(text)
+        os.utime(lock, (0, 0))  # old: not one being written just now
+        with pytest.raises(SystemExit, match=message):
+            runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+        assert lock.read_text() == text
+    lock.unlink()
+    os.mkfifo(lock)  # reading it would hang
+    with pytest.raises(SystemExit, match="run.lock is not a regular file; if no run uses"):
+        runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+    lock.unlink()
+    runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+    runtime.release_lock(str(lock))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(users)
+
+
+def test_sampling_into_a_fifo_or_a_full_disk_leaves_no_part_video(pair, tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "video_0000.mp4")
+    with pytest.raises(SystemExit, match="video_0000.mp4 is not a regular file"):
+        run_sampler(pair, tmp_path, "--num-videos", "1", "--frames", "4", "--overwrite")
+    (tmp_path / "video_0000.mp4").unlink()
+
+    def full_disk(self, frames):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.VideoWriter, "append", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_sampler(pair, tmp_path, "--format", "mp4", "gif")
+    assert not list(tmp_path.glob("video_*"))
+
+
+def test_a_relative_data_dir_whose_first_part_holds_a_colon_is_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_video(tmp_path / "clips:2024" / "a.avi", 8)
+    assert len(build("folder", "clips:2024")[0]) == 1  # not read by FFmpeg as the URL protocol 'clips:'
 
 
 # ---------------------------------------------------------------------------------------------

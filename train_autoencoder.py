@@ -90,7 +90,6 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = model_config(args)
     rank, world, device = setup(args)
-    check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
     ckpt_path = prepare_out(args, "autoencoder.pt", rank, world)  # locked; a trained checkpoint is never overwritten
 
     # model, discriminator and optimisers; on resume everything comes back from the checkpoint
@@ -137,6 +136,7 @@ def main(argv=None):
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
+    check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
     begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:

@@ -19,9 +19,9 @@ import pvdm
 from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, begin_training,
                      check_finite, check_fits, check_same_autoencoder, config_changes, fail, float_in, learning_rate,
                      learning_rate_value, load_checkpoint, load_file, load_states, log, mean_over_ranks, new_scaler,
-                     non_negative_int, optimizer_step, positive_int, prepare_out, probability, restore_rng, rng_states,
-                     run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown, trained_num_shapes,
-                     wrap_ddp)
+                     non_negative_int, optimizer_step, positive_int, prepare_out, probability, rebuilt, restore_rng,
+                     rng_states, run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown,
+                     trained_num_shapes, wrap_ddp)
 
 
 def parse_args(argv=None):
@@ -108,7 +108,13 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     if not isinstance(cache, dict) or cache.get("source") != source:
         fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
              "re-encode, or pass another --out.", world > 1)
-    return torch.utils.data.TensorDataset(cache["prev"], cache["next"], cache["has_prev"])
+    t, h, w = autoencoder.cfg.latent_size
+    latents = (source["videos"], autoencoder.cfg.latent_channels, h * w + t * w + t * h)  # (videos, C, N) packed
+    shapes = {"prev": latents, "next": latents, "has_prev": latents[:1]}
+    if not all(torch.is_tensor(cache.get(k)) and cache[k].shape == shape for k, shape in shapes.items()):
+        fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
+             world > 1)
+    return torch.utils.data.TensorDataset(*(cache[k] for k in shapes))
 
 
 def sized_step(ucfg, dcfg, batch):
@@ -142,7 +148,6 @@ def main(argv=None):
         fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
                                 min_snr=args.min_snr)
-    check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))  # the paper preset: is there memory?
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
@@ -159,7 +164,7 @@ def main(argv=None):
         check_same_autoencoder(ckpt_path, ckpt["autoencoder"], autoencoder, args.autoencoder)  # its latents only
         load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
         step = ckpt["step"]
-        restore_rng(ckpt.get("rng"), rank, device)  # the same noise as a run that never stopped
+        rebuilt(ckpt_path, lambda: restore_rng(ckpt.get("rng"), rank, device))  # the noise of a run that never stopped
     ddp = wrap_ddp(diffusion, device, world)
     scaler = new_scaler(device, args, ckpt.get("scaler") if args.resume else None)  # loss scaling, fp16 only
     n_params = sum(p.numel() for p in unet.parameters())
@@ -180,6 +185,7 @@ def main(argv=None):
     stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     say_if_done(rank, args, ckpt_path, step)
+    check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))  # the paper preset: is there memory?
     begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
