@@ -196,7 +196,7 @@ def fail(message, distributed=False):
 
 
 def check_fits(args, device, world, build):
-    """The paper preset, before it allocates anything: the memory one training step needs on this rank, estimated on
+    """The paper preset, before training allocates: the memory one training step needs on this rank, estimated on
     fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
     backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
     and names the flag that fits, rather than a kernel's kill minutes later. build(batch) -> (model, its loss)."""
@@ -635,6 +635,19 @@ def pid_alive(pid):
     return True
 
 
+@contextlib.contextmanager
+def removed_on_failure(paths):
+    """Files being written that are removed if the block fails (a full disk, Ctrl-C): half a video is never left to
+    pass for a whole one."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+
+
 def check_out_dir(out, names, formats, overwrite):
     """Refuse a folder holding videos of another run (evaluate.py would mix them into the statistics), and, unless
     --overwrite, videos of the names this run writes: an earlier run's samples are never replaced silently."""
@@ -658,19 +671,6 @@ HOST = socket.gethostname()
 LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)
 
 
-@contextlib.contextmanager
-def removed_on_failure(paths):
-    """Files being written that are removed if the block fails (a full disk, Ctrl-C): half a video is never left to
-    pass for a whole one."""
-    try:
-        yield
-    except BaseException:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise
-
-
 def take_lock(out):
     """One run per folder: OUT/run.lock names the run using it (pid and host), created atomically (O_CREAT | O_EXCL),
     removed at exit. A lock of this host whose process is gone (a killed run) is stale and taken over, so kill -9
@@ -685,13 +685,15 @@ def take_lock(out):
                 text = open(lock, "rb").read(200).decode("ascii", "replace").strip() if S_ISREG(info.st_mode) else None
             except FileNotFoundError:
                 continue  # released meanwhile
-            found, young = text and LOCK_TEXT.fullmatch(text), time.time() - info.st_mtime < 10
-            pid, host = (int(found[1]), found[2] or HOST) if found else (None, None)
-            if text is None or not found and not young:  # a FIFO would hang the read: never opened
-                what = "is not a regular file" if text is None else f"holds {text[:40]!r}, not a lock this project wrote"
-                raise SystemExit(f"error: {lock} {what}; if no run uses {out}, delete it, or pass another --out.")
-            if not found or host != HOST or pid != os.getpid() and pid_alive(pid):  # empty and young: being written
-                who = f"pid {pid or 'unknown'}" + (f" on host {host}" if host not in (None, HOST) else "")
+            clear = f"if no run uses {out}, delete it, or pass another --out"
+            if text is None:  # a FIFO or a folder: reading it could hang, so it is never opened
+                raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
+            found = LOCK_TEXT.fullmatch(text)
+            if not found and time.time() - info.st_mtime >= 10:  # not one being written just now
+                raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
+            pid, host = (int(found[1]), found[2] or HOST) if found else (None, HOST)
+            if not found or host != HOST or pid != os.getpid() and pid_alive(pid):
+                who = f"pid {pid or 'unknown'}" + (f" on host {host}" if host != HOST else "")
                 raise SystemExit(f"error: another run ({who}) is using {out}; wait for it to finish, or pass another "
                                  f"--out (if no such run exists, delete {lock}).")
             with contextlib.suppress(FileNotFoundError):
