@@ -762,14 +762,25 @@ def claim_out(args, path):
 def begin_training(args, path, rank):
     """Called once every input is checked, as training is about to write. --start-over now sets the old checkpoint
     aside, renamed with the time (so a typo in a flag never leaves the folder without one), and Ctrl-C from here on
-    ends in one line saying what was kept and how to resume."""
+    ends in one line saying what was kept and how to resume. Returns the check the loop makes at every step: Ctrl-C
+    stops the run at once, unless it lands in a finaliser (imageio closes files in __del__), which would print and
+    swallow the exit; then the run stops at the next step."""
     if rank == 0 and args.start_over and os.path.exists(path):
         stem, ext = os.path.splitext(path)
         kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
         kept = f"{stem}.{time.time_ns()}{ext}" if os.path.exists(kept) else kept  # two start-overs within a second
         os.replace(path, kept)
         log(rank, args.out, f"--start-over: the old checkpoint is kept as {kept}")
-    signal.signal(signal.SIGINT, lambda *_: interrupted(path, rank))
+    pressed = []
+
+    def on_ctrl_c(signum, frame):
+        pressed.append(True)
+        while frame and frame.f_code.co_name != "__del__":
+            frame = frame.f_back
+        if frame is None:
+            interrupted(path, rank)
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    return lambda: pressed and interrupted(path, rank)
 
 
 def interrupted(path, rank):

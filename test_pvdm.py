@@ -1717,7 +1717,7 @@ def test_a_gan_phase_run_resumes_only_with_its_discriminator(tmp_path):
 
     flags = [*TINY, "--eval-clips", "2", "--out", str(tmp_path)]
     train_autoencoder.main([*flags, "--steps", "2", "--gan-start", "1"])
-    with pytest.raises(SystemExit, match="holds a trained discriminator; resume with --gan-start 1"):
+    with pytest.raises(SystemExit, match="holds a discriminator and its optimiser; resume with --gan-start 1 "):
         train_autoencoder.main([*flags, "--steps", "3", "--resume"])
     train_autoencoder.main([*flags, "--steps", "3", "--resume", "--gan-start", "1"])
     ckpt = torch.load(tmp_path / "autoencoder.pt", weights_only=True)

@@ -104,10 +104,10 @@ def main(argv=None):
         if differs:
             fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume with the "
                  "same flags.", world > 1)
-        if "disc" in ckpt and not disc:  # resuming without it would drop the discriminator's training
+        if "disc" in ckpt and not disc:  # resuming without it would drop the discriminator and its optimiser
             gan_start = ckpt.get("args", {}).get("gan_start")
-            fail(f"{ckpt_path} holds a trained discriminator; resume with --gan-start {gan_start} to keep training it.",
-                 world > 1)
+            fail(f"{ckpt_path} holds a discriminator and its optimiser; resume with --gan-start {gan_start} to keep "
+                 "them.", world > 1)
         load_states(ckpt_path, ckpt, model=model, optimizer=opt)
         if disc and "disc" in ckpt:
             load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
@@ -137,9 +137,10 @@ def main(argv=None):
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
-    begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
+    stop_if_interrupted = begin_training(args, ckpt_path, rank)  # --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
+        stop_if_interrupted()  # Ctrl-C ends the run in one line (see begin_training)
         x = next(stream).to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
         with autocast(device, args.precision):

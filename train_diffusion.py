@@ -186,9 +186,10 @@ def main(argv=None):
 
     say_if_done(rank, args, ckpt_path, step)
     check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))  # the paper preset: is there memory?
-    begin_training(args, ckpt_path, rank)  # every input is checked: --start-over sets the old checkpoint aside now
+    stop_if_interrupted = begin_training(args, ckpt_path, rank)  # --start-over sets the old checkpoint aside now
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
+        stop_if_interrupted()  # Ctrl-C ends the run in one line (see begin_training)
         if args.latent_cache:
             z_prev, z, has_prev = (b.to(device) for b in next(stream))
         else:
