@@ -775,7 +775,7 @@ def begin_training(args, path, rank):
 
     def on_ctrl_c(signum, frame):
         pressed.append(True)
-        while frame and frame.f_code.co_name != "__del__":
+        while frame and frame.f_code.co_name != "__del__":  # in a finaliser the exit would be lost: the loop stops
             frame = frame.f_back
         if frame is None:
             interrupted(path, rank)
