@@ -212,7 +212,7 @@ def test_pack_unpack_round_trip():
     planes = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)
     z = pvdm.pack(planes)
     assert z.shape == (2, 4, 25 + 30 + 30)
-    for a, b in zip(pvdm.unpack(z, t=6, h=5, w=5), planes):
+    for a, b in zip(pvdm.unpack(z, T=6, h=5, w=5), planes):
         assert torch.equal(a, b)
 
 
@@ -246,7 +246,7 @@ def test_cross_plane_attention_knows_where_each_token_is():
     """Attention alone is blind to token order; the shared axis embeddings must make it see positions. Mirroring
     z_s left to right must change z_h's output, and only because of those embeddings."""
     torch.manual_seed(0)
-    attn = pvdm.CrossPlaneAttention(8, heads=2, t=4, h=3, w=3)
+    attn = pvdm.CrossPlaneAttention(8, heads=2, T=4, h=3, w=3)
     planes = [torch.randn(1, 8, 3, 3), torch.randn(1, 8, 4, 3), torch.randn(1, 8, 4, 3)]  # z_s, z_h, z_w
     mirrored = [planes[0].flip(-1), planes[1], planes[2]]
     with torch.no_grad():
