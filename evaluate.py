@@ -882,7 +882,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="FVD and autoencoder metrics for PVDM.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("fvd", help="FVD of generated videos against real clips")
+    def command(name, run, help, data=True, i3d=True):
+        """A subcommand with the flags all share; one that reads data reads held-out (test) clips by default."""
+        p = commands.add_parser(name, help=help)
+        if data:
+            add_data_args(p)
+            p.set_defaults(split="test")
+        add_common_args(p, i3d)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("fvd", run_fvd, "FVD of generated videos against real clips", data=False)
     p.add_argument("--fake-dir", required=True, help="folder of .mp4 / .gif videos written by sample.py")
     p.add_argument("--real-data", default="synthetic", choices=DATASETS)
     p.add_argument("--real-dir", default=None, help="root of the ucf101 / sky / folder data")
@@ -896,18 +906,13 @@ def main(argv=None):
     p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
     p.add_argument("--window", type=positive_int, help="frames per window for --per-window (default 16)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    add_common_args(p)
-    p.set_defaults(run=run_fvd)
 
-    p = commands.add_parser("recon", help="PSNR, SSIM and reconstruction FVD of an autoencoder")
+    p = command("recon", run_recon, "PSNR, SSIM and reconstruction FVD of an autoencoder")
     p.add_argument("--autoencoder", required=True, help="checkpoint written by train_autoencoder.py")
     p.add_argument("--num-clips", type=int_in(2), default=256)
-    add_data_args(p)
-    p.set_defaults(split="test")                                 # held-out clips
-    add_common_args(p)
-    p.set_defaults(run=run_recon)
 
-    p = commands.add_parser("continuation", help="teacher-forced: sample the clip after a real clip, compare")
+    p = command("continuation", run_continuation, "teacher-forced: sample the clip after a real clip, compare",
+                i3d=False)
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
     p.add_argument("--num-videos", type=positive_int, default=64, help="held-out videos, one window each")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one recorded in --diffusion)")
@@ -915,29 +920,18 @@ def main(argv=None):
                    help="first new frames compared with the real ones (default 4, or what a clip adds if fewer)")
     p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps (eta 1), as sample.py")
     p.add_argument("--json", help="where the figures are written (default: continuation.json beside --diffusion)")
-    add_data_args(p)
-    p.set_defaults(split="test")
-    add_common_args(p, i3d=False)
-    p.set_defaults(run=run_continuation)
 
-    p = commands.add_parser("noising", help="picture: the forward process on one held-out clip's latent planes")
+    p = command("noising", run_noising, "picture: the forward process on one held-out clip's planes", i3d=False)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--out", default="noising.png", help="the picture (PNG)")
-    add_data_args(p)
-    p.set_defaults(split="test")
-    add_common_args(p, i3d=False)
-    p.set_defaults(run=run_noising)
 
-    p = commands.add_parser("steps", help="picture and table: sampling steps against quality and time")
+    p = command("steps", run_steps, "picture and table: sampling steps against quality and time", i3d=False)
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
     p.add_argument("--steps", type=int_in(1, 1000), nargs="+", default=[5, 10, 25, 50, 100], help="step counts")
     p.add_argument("--num-videos", type=int_in(2), default=32, help="first clips sampled per step count")
     p.add_argument("--out", default="steps.png", help="the picture (PNG); the figures go beside it as .json")
-    add_data_args(p)
-    add_common_args(p, i3d=False)
-    p.set_defaults(run=run_steps)
 
-    p = commands.add_parser("fidelity", help="long samples against real videos and their reconstructions")
+    p = command("fidelity", run_fidelity, "long samples against real videos and their reconstructions")
     p.add_argument("--fake-dir", default="samples", help="folder of videos written by one sample.py command")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one samples.json names)")
     p.add_argument("--group-size", type=int_in(2), default=16, help="videos per group; figures are given per group")
@@ -945,10 +939,6 @@ def main(argv=None):
     p.add_argument("--num-real", type=int_in(2), default=128, help="real clips of --window frames, the FVD reference")
     p.add_argument("--no-fvd", action="store_true", help="only the synthetic world's figures (no I3D: fast)")
     p.add_argument("--json", help="where the figures are written (default: fidelity.json in --fake-dir)")
-    add_data_args(p)
-    p.set_defaults(split="test")
-    add_common_args(p)
-    p.set_defaults(run=run_fidelity)
 
     args = parser.parse_args(argv)
     args.device = str(resolve_device(args.device))
