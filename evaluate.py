@@ -6,6 +6,8 @@ with real videos and with the autoencoder's reconstructions of them.
     python evaluate.py recon --autoencoder CKPT --data NAME --data-dir DIR
     python evaluate.py fidelity --fake-dir DIR          # after sample.py --frames 128 --num-videos 48 --out DIR
     python evaluate.py continuation                     # teacher-forced: the clip after a real clip
+    python evaluate.py noising                          # picture: the forward process on one clip's planes
+    python evaluate.py steps                            # picture and table: sampling steps, quality, time
 
 FVD (Unterthiner et al. 2018) is the Frechet distance between Gaussians fitted to I3D features of
 real and of generated clips. Like StyleGAN-V, whose protocol the PVDM paper follows, we take the
@@ -28,9 +30,11 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +42,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, make_dataset, write_video, DATASETS, SPLITS
+from data import DataError, make_dataset, tile, to_uint8, write_video, DATASETS, SPLITS
 from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
                      load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_main,
                      save_checkpoint, synthetic_options, trained_num_shapes)
@@ -540,7 +544,90 @@ def fvd_per_window(i3d, columns, reference, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The commands
+# 7. Teaching pictures: the forward process on one clip, and sampling steps against quality and time
+# ----------------------------------------------------------------------------------------------
+
+NOISE_LEVELS = (0, 50, 150, 300, 500, 999)  # timesteps of the noising picture's rows
+
+
+def side_by_side(images, gap=4):
+    """(H_i, W_i, 3) uint8 images left to right on white, tops aligned, `gap` pixels apart."""
+    height, width = max(i.shape[0] for i in images), sum(i.shape[1] for i in images) + gap * (len(images) - 1)
+    out, x = np.full((height, width, 3), 255, np.uint8), 0
+    for image in images:
+        out[:image.shape[0], x:x + image.shape[1]] = image
+        x += image.shape[1] + gap
+    return out
+
+
+def picture_row(video, planes, scale):
+    """A clip (3, T, H, W) as every other frame, beside its planes' first channel (clamped to [-1, 1], grey),
+    drawn so that z_h's and z_w's T rows span the frames' height."""
+    frames = tile([to_uint8(video[:, ::2])], scale, gap=1, background=255)
+    grey = lambda p: to_uint8(p[:1].clamp(-1, 1).expand(3, -1, -1)[:, None])[0]  # noqa: E731  (a, b, 3)
+    plane_scale = max(1, frames.shape[0] // video.shape[1])
+    return side_by_side([frames] + [tile([[grey(p)]], plane_scale, 0, 255) for p in planes], gap=6)
+
+
+@torch.no_grad()
+def run_noising(args):
+    """The forward process q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I) on one held-out clip's
+    latent: a row per timestep, the frames the decoder makes of z_t beside z_s, z_h and z_w (channel 0)."""
+    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
+    autoencoder = autoencoder_from_checkpoint(ckpt, args.device, args.autoencoder)
+    cfg, schedule = autoencoder.cfg, pvdm.GaussianDiffusion(nn.Identity(), pvdm.DiffusionConfig()).to(args.device)
+    trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None
+    dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames, split=args.split,
+                           frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args, trained))
+    x = dataset[args.seed % len(dataset)][None].to(args.device)         # (1, 3, T, H, W)
+    z0 = pvdm.pack(autoencoder.encode(x))
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    noise = torch.randn(z0.shape, generator=generator, device=args.device)
+    rows, scale = [], max(1, 96 // cfg.resolution)
+    for t in NOISE_LEVELS:
+        ab = schedule.alpha_bar[t].item()
+        zt = schedule.q_sample(z0, torch.tensor([t], device=args.device), noise)
+        planes = [p[0] for p in pvdm.unpack(zt, *cfg.latent_size)]
+        rows.append(picture_row(autoencoder.decode([p[None] for p in planes])[0], planes, scale))
+        print(f"row {len(rows)}: t = {t:3d}, z_t = {ab ** 0.5:.3f} z_0 + {(1 - ab) ** 0.5:.3f} eps")
+    iio.imwrite(args.out, np.concatenate([np.pad(r, ((0, 6), (0, 0), (0, 0)), constant_values=255) for r in rows]))
+    print(f"wrote {args.out}: one held-out clip of {args.data} ({args.split} split) noised to each t, decoded, "
+          "beside z_s, z_h, z_w (channel 0)")
+
+
+@torch.no_grad()
+def run_steps(args):
+    """Sampling steps against quality and time: first clips sampled (DDIM, eta 1, the same seed) with each
+    number of steps, timed, a row of the picture each; on one-shape synthetic data with the shape figures too."""
+    autoencoder, diffusion, _, ae_path = load_diffusion(args.diffusion, args.device)
+    shapes = args.data == "synthetic" and trained_num_shapes(load_checkpoint(ae_path, "autoencoder")) == 1
+    rows, results = [], {}
+    for steps in args.steps:
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        start = time.time()
+        z = diffusion.sample(args.num_videos, None, steps, generator=generator)
+        videos = autoencoder.decode(pvdm.unpack(z, *autoencoder.cfg.latent_size))  # (n, 3, T, H, W)
+        seconds = (time.time() - start) / args.num_videos
+        figures = group_figures(list(videos), videos.shape[2]) if shapes else {}
+        results[steps] = {"seconds_per_clip": round(seconds, 3)} | {k: round(figures[k], 2) for k in STEPS_ROWS
+                                                                     if k in figures}
+        rows.append(side_by_side([tile([to_uint8(v[:, ::2])], 2, 1, 255) for v in videos[:2]], gap=8))
+        print(f"{steps:4d} steps: {seconds:.2f} s per clip" + "".join(f", {STEPS_ROWS[k]} {results[steps][k]:.2f}"
+                                                                   for k in STEPS_ROWS if k in results[steps]))
+    iio.imwrite(args.out, np.concatenate([np.pad(r, ((0, 8), (0, 0), (0, 0)), constant_values=255) for r in rows]))
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"steps": results, "num_videos": args.num_videos, "seed": args.seed, "diffusion": args.diffusion,
+                   "device": args.device}, f, indent=2)
+    print(f"wrote {args.out}: a row per step count ({', '.join(map(str, args.steps))}), the first 2 of "
+          f"{args.num_videos} clips side by side, every other frame")
+
+
+STEPS_ROWS = {"colour_change": "colour change", "fill_deviation": "fill deviation",
+              "frames_with_shape": "% frames with a shape"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The commands
 # ----------------------------------------------------------------------------------------------
 
 
@@ -800,7 +887,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="FVD and autoencoder metrics for PVDM.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("fvd", help="FVD of generated videos against real clips")
+    def command(name, run, help, data=True, i3d=True):
+        """A subcommand with the flags all share; one that reads data reads held-out (test) clips by default."""
+        p = commands.add_parser(name, help=help)
+        if data:
+            add_data_args(p)
+            p.set_defaults(split="test")
+        add_common_args(p, i3d)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("fvd", run_fvd, "FVD of generated videos against real clips", data=False)
     p.add_argument("--fake-dir", required=True, help="folder of .mp4 / .gif videos written by sample.py")
     p.add_argument("--real-data", default="synthetic", choices=DATASETS)
     p.add_argument("--real-dir", default=None, help="root of the ucf101 / sky / folder data")
@@ -814,18 +911,13 @@ def main(argv=None):
     p.add_argument("--per-window", action="store_true", help="also FVD of frames 1-16, 17-32, ...")
     p.add_argument("--window", type=positive_int, help="frames per window for --per-window (default 16)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    add_common_args(p)
-    p.set_defaults(run=run_fvd)
 
-    p = commands.add_parser("recon", help="PSNR, SSIM and reconstruction FVD of an autoencoder")
+    p = command("recon", run_recon, "PSNR, SSIM and reconstruction FVD of an autoencoder")
     p.add_argument("--autoencoder", required=True, help="checkpoint written by train_autoencoder.py")
     p.add_argument("--num-clips", type=int_in(2), default=256)
-    add_data_args(p)
-    p.set_defaults(split="test")                                 # held-out clips
-    add_common_args(p)
-    p.set_defaults(run=run_recon)
 
-    p = commands.add_parser("continuation", help="teacher-forced: sample the clip after a real clip, compare")
+    p = command("continuation", run_continuation, "teacher-forced: sample the clip after a real clip, compare",
+                i3d=False)
     p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
     p.add_argument("--num-videos", type=positive_int, default=64, help="held-out videos, one window each")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one recorded in --diffusion)")
@@ -833,12 +925,18 @@ def main(argv=None):
                    help="first new frames compared with the real ones (default 4, or what a clip adds if fewer)")
     p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps (eta 1), as sample.py")
     p.add_argument("--json", help="where the figures are written (default: continuation.json beside --diffusion)")
-    add_data_args(p)
-    p.set_defaults(split="test")
-    add_common_args(p, i3d=False)
-    p.set_defaults(run=run_continuation)
 
-    p = commands.add_parser("fidelity", help="long samples against real videos and their reconstructions")
+    p = command("noising", run_noising, "picture: the forward process on one held-out clip's planes", i3d=False)
+    p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
+    p.add_argument("--out", default="noising.png", help="the picture (PNG)")
+
+    p = command("steps", run_steps, "picture and table: sampling steps against quality and time", i3d=False)
+    p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="checkpoint of train_diffusion.py")
+    p.add_argument("--steps", type=int_in(1, 1000), nargs="+", default=[5, 10, 25, 50, 100], help="step counts")
+    p.add_argument("--num-videos", type=int_in(2), default=32, help="first clips sampled per step count")
+    p.add_argument("--out", default="steps.png", help="the picture (PNG); the figures go beside it as .json")
+
+    p = command("fidelity", run_fidelity, "long samples against real videos and their reconstructions")
     p.add_argument("--fake-dir", default="samples", help="folder of videos written by one sample.py command")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one samples.json names)")
     p.add_argument("--group-size", type=int_in(2), default=16, help="videos per group; figures are given per group")
@@ -846,10 +944,6 @@ def main(argv=None):
     p.add_argument("--num-real", type=int_in(2), default=128, help="real clips of --window frames, the FVD reference")
     p.add_argument("--no-fvd", action="store_true", help="only the synthetic world's figures (no I3D: fast)")
     p.add_argument("--json", help="where the figures are written (default: fidelity.json in --fake-dir)")
-    add_data_args(p)
-    p.set_defaults(split="test")
-    add_common_args(p)
-    p.set_defaults(run=run_fidelity)
 
     args = parser.parse_args(argv)
     args.device = str(resolve_device(args.device))

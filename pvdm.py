@@ -8,16 +8,18 @@ Read this file top to bottom; it is built bottom-up:
   4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
   5. UNet blocks        ResBlock, 2D attention, cross-plane attention
   6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
-  7. diffusion          DDPM/DDIM, joint (un)conditional training, long videos of overlapping clips (section 3.3)
-  8. configs            dataclasses and the tiny / paper presets
+  7. diffusion          DDPM/DDIM with joint (un)conditional training                 (paper section 3.3)
+  8. long videos        this project's extension: clips that overlap the one before (skip on a first read)
+  9. configs            dataclasses and the tiny / paper presets
 
 One layout convention everywhere: a video is (B, C, T, H, W) with values in [-1, 1].
-Inside the autoencoder, tokens are channels-last (B, t, h, w, D) with t = T, h = H / p, w = W / p.
-The latent of a clip is three planes with C channels each:
+Inside the autoencoder, tokens are channels-last (B, T, h, w, D) with h = H / p, w = W / p: frames are
+patched in space only, so every frame count is T. The latent of a clip is three planes with C channels each:
     z_s (B, C, h, w)   time collapsed: what stays (content)
-    z_h (B, C, t, w)   height collapsed: motion seen from above
-    z_w (B, C, t, h)   width collapsed: motion seen from the side
-For diffusion the three planes are flattened and packed into one tensor (B, C, h*w + t*w + t*h).
+    z_h (B, C, T, w)   height collapsed: motion seen from above
+    z_w (B, C, T, h)   width collapsed: motion seen from the side
+For diffusion the three planes are flattened and packed into one tensor (B, C, h*w + T*w + T*h).
+The letter t is the diffusion timestep alone.
 """
 import hashlib
 import math
@@ -43,14 +45,14 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def pack(planes):
-    """(z_s, z_h, z_w) -> one tensor (B, C, h*w + t*w + t*h), so diffusion maths sees a single array."""
+    """(z_s, z_h, z_w) -> one tensor (B, C, h*w + T*w + T*h), so diffusion maths sees a single array."""
     return torch.cat([p.flatten(2) for p in planes], dim=2)
 
 
-def unpack(z, t, h, w):
-    """Inverse of pack: (B, C, N) -> z_s (B, C, h, w), z_h (B, C, t, w), z_w (B, C, t, h)."""
-    z_s, z_h, z_w = z.split([h * w, t * w, t * h], dim=2)
-    return z_s.unflatten(2, (h, w)), z_h.unflatten(2, (t, w)), z_w.unflatten(2, (t, h))
+def unpack(z, T, h, w):
+    """Inverse of pack: (B, C, N) -> z_s (B, C, h, w), z_h (B, C, T, w), z_w (B, C, T, h)."""
+    z_s, z_h, z_w = z.split([h * w, T * w, T * h], dim=2)
+    return z_s.unflatten(2, (h, w)), z_h.unflatten(2, (T, w)), z_w.unflatten(2, (T, h))
 
 
 @torch.no_grad()
@@ -116,7 +118,7 @@ class TransformerBlock(nn.Module):
 
 class SpaceTimeBlock(nn.Module):
     """Divided space-time attention (TimeSformer): each token attends along time, then over the
-    h x w grid of its frame, then goes through the MLP. Cost O(t^2 + (hw)^2) instead of O((thw)^2)."""
+    h x w grid of its frame, then goes through the MLP. Cost O(T^2 + (hw)^2) instead of O((Thw)^2)."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -125,13 +127,13 @@ class SpaceTimeBlock(nn.Module):
         self.norm_m, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
     def forward(self, x):
-        b, t, h, w, d = x.shape
+        b, h = x.shape[0], x.shape[2]  # x (B, T, h, w, D)
         xt = rearrange(x, "b t h w d -> (b h w) t d")  # sequences along time
         xt = xt + self.attn_t(self.norm_t(xt))
         xs = rearrange(xt, "(b h w) t d -> (b t) (h w) d", b=b, h=h)  # sequences over one frame
         xs = xs + self.attn_s(self.norm_s(xs))
         xs = xs + self.mlp(self.norm_m(xs))
-        return rearrange(xs, "(b t) (h w) d -> b t h w d", b=b, h=h)  # (B, t, h, w, D)
+        return rearrange(xs, "(b t) (h w) d -> b t h w d", b=b, h=h)  # (B, T, h, w, D)
 
 
 def run_blocks(blocks, x, use_checkpoint):
@@ -145,12 +147,12 @@ def run_blocks(blocks, x, use_checkpoint):
 # 3. Projected autoencoder (paper section 3.1)
 # ----------------------------------------------------------------------------------------------
 
-# How each plane is read off the token volume (B, t, h, w, D): the collapsed axis becomes the sequence
+# How each plane is read off the token volume (B, T, h, w, D): the collapsed axis becomes the sequence
 # a small transformer summarises; the other two axes stay as the plane's 2D grid.
 PROJECTIONS = {  # plane: (collapsed axis, tokens -> sequences, summaries -> plane)
     "s": ("t", "b t h w d -> (b h w) t d", "(b h w) d -> b d h w"),  # collapse time   -> (B, D, h, w)
-    "h": ("h", "b t h w d -> (b t w) h d", "(b t w) d -> b d t w"),  # collapse height -> (B, D, t, w)
-    "w": ("w", "b t h w d -> (b t h) w d", "(b t h) d -> b d t h"),  # collapse width  -> (B, D, t, h)
+    "h": ("h", "b t h w d -> (b t w) h d", "(b t w) d -> b d t w"),  # collapse height -> (B, D, T, w)
+    "w": ("w", "b t h w d -> (b t h) w d", "(b t h) d -> b d t h"),  # collapse width  -> (B, D, T, h)
 }
 
 
@@ -171,31 +173,31 @@ class AxisProjection(nn.Module):
 
 
 def broadcast_sum(s, hp, wp):
-    """Planes back to a volume: v[t, y, x] = s[y, x] + hp[t, x] + wp[t, y].
-    s (B, D, h, w), hp (B, D, t, w), wp (B, D, t, h) -> (B, D, t, h, w)."""
+    """Planes back to a volume: v[f, y, x] = s[y, x] + hp[f, x] + wp[f, y] for frame f.
+    s (B, D, h, w), hp (B, D, T, w), wp (B, D, T, h) -> (B, D, T, h, w)."""
     return s[:, :, None, :, :] + hp[:, :, :, None, :] + wp[:, :, :, :, None]
 
 
 class ProjectedAutoencoder(nn.Module):
     """Encoder: per-frame patches -> divided space-time transformer -> three axis projections -> 1x1 conv
-    to C channels -> tanh. Decoder: 1x1 conv back to D -> broadcast-sum the planes into a (t, h, w)
+    to C channels -> tanh. Decoder: 1x1 conv back to D -> broadcast-sum the planes into a (T, h, w)
     volume -> divided space-time transformer -> per-frame un-patchify to pixels."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        t, h, w = cfg.latent_size
+        T, h, w = cfg.latent_size
         d, p = cfg.dim, cfg.patch
         self.patch_embed = nn.Conv2d(cfg.channels, d, kernel_size=p, stride=p)
-        self.enc_pos_t, self.enc_pos_s = nn.Parameter(torch.zeros(t, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
+        self.enc_pos_t, self.enc_pos_s = nn.Parameter(torch.zeros(T, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
         self.encoder = nn.ModuleList(SpaceTimeBlock(d, cfg.heads) for _ in range(cfg.depth))
         self.enc_norm = nn.LayerNorm(d)
-        axis_len = {"t": t, "h": h, "w": w}
+        axis_len = {"t": T, "h": h, "w": w}
         self.project = nn.ModuleDict(
             {k: AxisProjection(d, cfg.heads, cfg.proj_depth, axis_len[axis]) for k, (axis, _, _) in PROJECTIONS.items()})
         self.to_latent = nn.ModuleDict({k: nn.Conv2d(d, cfg.latent_channels, 1) for k in PROJECTIONS})
         self.from_latent = nn.ModuleDict({k: nn.Conv2d(cfg.latent_channels, d, 1) for k in PROJECTIONS})
-        self.dec_pos_t, self.dec_pos_s = nn.Parameter(torch.zeros(t, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
+        self.dec_pos_t, self.dec_pos_s = nn.Parameter(torch.zeros(T, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
         self.decoder = nn.ModuleList(SpaceTimeBlock(d, cfg.heads) for _ in range(cfg.depth))
         self.dec_norm = nn.LayerNorm(d)
         self.to_pixels = nn.Linear(d, p * p * cfg.channels)
@@ -212,17 +214,17 @@ class ProjectedAutoencoder(nn.Module):
                 nn.init.normal_(param, std=0.02)
 
     def encode(self, x):
-        """(B, 3, T, H, W) -> z_s (B, C, h, w), z_h (B, C, t, w), z_w (B, C, t, h), all in [-1, 1]."""
+        """(B, 3, T, H, W) -> z_s (B, C, h, w), z_h (B, C, T, w), z_w (B, C, T, h), all in [-1, 1]."""
         b = x.shape[0]
         tokens = self.patch_embed(rearrange(x, "b c t y x -> (b t) c y x"))  # (B*t, D, h, w)
         tokens = rearrange(tokens, "(b t) d h w -> b t h w d", b=b) + self.enc_pos_t + self.enc_pos_s
-        tokens = self.enc_norm(run_blocks(self.encoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
+        tokens = self.enc_norm(run_blocks(self.encoder, tokens, self.use_checkpoint))  # (B, T, h, w, D)
         return tuple(self.project_plane(tokens, k) for k in PROJECTIONS)
 
     def project_plane(self, tokens, key):
         """Collapse one axis of the token volume into a C-channel plane in [-1, 1]."""
         collapsed, to_seq, to_plane = PROJECTIONS[key]
-        kept = {axis: n for axis, n in zip("thw", tokens.shape[1:4]) if axis != collapsed}
+        kept = {axis: n for axis, n in zip("thw", tokens.shape[1:4]) if axis != collapsed}  # einops' t is T
         seq = rearrange(tokens, to_seq)  # (B * a * b, L, D), L the collapsed axis
         plane = rearrange(self.project[key](seq, self.use_checkpoint), to_plane, **kept)  # (B, D, a, b)
         return torch.tanh(self.to_latent[key](plane))  # (B, C, a, b): tanh bounds the latent, no KL needed
@@ -232,11 +234,11 @@ class ProjectedAutoencoder(nn.Module):
         return self.decode_unclamped(planes).clamp(-1, 1)
 
     def decode_unclamped(self, planes):
-        volume = broadcast_sum(*(self.from_latent[k](z) for k, z in zip(PROJECTIONS, planes)))  # (B, D, t, h, w)
+        volume = broadcast_sum(*(self.from_latent[k](z) for k, z in zip(PROJECTIONS, planes)))  # (B, D, T, h, w)
         tokens = rearrange(volume, "b d t h w -> b t h w d") + self.dec_pos_t + self.dec_pos_s
-        tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, t, h, w, D)
+        tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, T, h, w, D)
         p = self.cfg.patch
-        pixels = self.to_pixels(tokens)  # (B, t, h, w, p*p*3): one patch of pixels per token
+        pixels = self.to_pixels(tokens)  # (B, T, h, w, p*p*3): one patch of pixels per token
         return rearrange(pixels, "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)  # (B, 3, T, H, W)
 
     @property
@@ -316,22 +318,18 @@ class ResBlock(nn.Module):
 
 
 class TokenAttention(nn.Module):
-    """Residual multi-head self-attention over a (B, C, L) token sequence, GroupNorm first."""
+    """Residual self-attention over a (B, C, L) token sequence, GroupNorm first: the autoencoder's Attention run
+    channels-last, so each head's features are contiguous. scaled_dot_product_attention only takes its fused
+    (flash / memory-efficient) kernels for such strides; otherwise it builds the full L x L matrix."""
 
     def __init__(self, channels, heads):
         super().__init__()
-        self.norm, self.heads = norm(channels), heads
-        self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
+        self.norm, self.attn = norm(channels), Attention(channels, heads)
 
     def forward(self, x, pos=None):
-        """x (B, C, L); pos (C, L), an optional position embedding added after the norm."""
+        """x (B, C, L); pos (1, C, L), an optional position embedding added after the norm."""
         tokens = self.norm(x) if pos is None else self.norm(x) + pos
-        # channels-last, so each head's features are contiguous: scaled_dot_product_attention only takes its
-        # fused (flash / memory-efficient) kernels for such strides, else it builds the full L x L matrix
-        tokens = tokens.transpose(1, 2)  # (B, L, C)
-        q, k, v = rearrange(self.qkv(tokens), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
-        return x + self.proj(rearrange(out, "b h l d -> b l (h d)")).transpose(1, 2)  # (B, C, L)
+        return x + self.attn(tokens.transpose(1, 2)).transpose(1, 2)  # (B, L, C) inside, (B, C, L) out
 
 
 class Attention2d(TokenAttention):
@@ -342,22 +340,19 @@ class Attention2d(TokenAttention):
 
 
 class CrossPlaneAttention(TokenAttention):
-    """The only place the three planes exchange information: their tokens are concatenated into one
-    sequence, attended over jointly, and split back. Each axis (t, h, w) has a learned embedding that every
-    plane keeping that axis shares: a token of z_s in column x and a token of z_h in column x carry the same
-    w-embedding, so attention can line up the places where the planes describe the same pixels."""
+    """The only place the three planes exchange information: their tokens are packed into one sequence,
+    attended over jointly, and unpacked. Each axis (T, h, w) has a learned embedding that every plane keeping
+    that axis shares: a token of z_s in column x and a token of z_h in column x carry the same w-embedding, so
+    attention can line up the places where the planes describe the same pixels."""
 
-    def __init__(self, channels, heads, t, h, w):
+    def __init__(self, channels, heads, T, h, w):
         super().__init__(channels, heads)
-        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(0.02 * torch.randn(channels, n)) for n in (t, h, w))
+        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(0.02 * torch.randn(channels, n)) for n in (T, h, w))
 
     def forward(self, planes):
-        grid = lambda rows, cols: (rows[:, :, None] + cols[:, None, :]).flatten(1)  # (C, a*b)
-        pos = torch.cat([grid(self.pos_h, self.pos_w), grid(self.pos_t, self.pos_w), grid(self.pos_t, self.pos_h)],
-                        dim=1)  # (C, hw + tw + th): z_s, z_h, z_w, in the order their tokens are concatenated
-        tokens = torch.cat([p.flatten(2) for p in planes], dim=2)  # (B, C, hw + tw + th)
-        tokens = super().forward(tokens, pos).split([p[0, 0].numel() for p in planes], dim=2)
-        return [tok.view_as(p) for tok, p in zip(tokens, planes)]
+        grid = lambda rows, cols: (rows[:, :, None] + cols[:, None, :])[None]  # noqa: E731  (1, C, a, b)
+        pos = pack([grid(self.pos_h, self.pos_w), grid(self.pos_t, self.pos_w), grid(self.pos_t, self.pos_h)])
+        return unpack(super().forward(pack(planes), pos), self.pos_t.shape[1], *planes[0].shape[2:])
 
 
 class TriplaneBlock(nn.Module):
@@ -368,7 +363,7 @@ class TriplaneBlock(nn.Module):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim)
         self.attn = Attention2d(cout, heads) if attend else nn.Identity()
-        self.mix = CrossPlaneAttention(cout, heads, *sizes)  # sizes: (t, h, w) of the planes at this level
+        self.mix = CrossPlaneAttention(cout, heads, *sizes)  # sizes: (T, h, w) of the planes at this level
 
     def forward(self, planes, emb):
         return self.mix(shared_weights(lambda x, e: self.attn(self.res(x, e)), planes, emb))
@@ -422,7 +417,7 @@ class TriplaneUNet(nn.Module):
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
         def block(cin, cout, level, attend):
-            sizes = (cfg.frames >> level, cfg.size >> level, cfg.size >> level)  # (t, h, w) halve at each level
+            sizes = (cfg.frames >> level, cfg.size >> level, cfg.size >> level)  # (T, h, w) halve at each level
             return TriplaneBlock(cin, cout, emb_dim, heads, attend, sizes)
 
         self.down, skips, c = nn.ModuleList(), [base], base
@@ -479,21 +474,6 @@ class TriplaneUNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def align_condition(z_prev, overlap, t, h, w):
-    """Where the previous clip's latent enters the UNet. With the paper's disjoint clips (overlap 0) it is
-    concatenated as it is, so its last rows (t = T - 1) of z_h and z_w sit at the new clip's last rows, as far
-    as they can be from row 0, the row that must continue them. With overlapping clips the new clip starts
-    `overlap` frames before the previous one ends: the previous clip's last `overlap` rows of z_h and z_w move
-    to rows 0..overlap-1, where the new clip shows the same frames, and the rows left are zeros. Convolutions
-    then see the frames to continue right beside the frames to make. z_s (time collapsed) stays as it is.
-    z_prev (B, C, N) packed -> (B, C, N) packed."""
-    if overlap == 0:
-        return z_prev
-    z_s, z_h, z_w = unpack(z_prev, t, h, w)
-    shift = lambda p: F.pad(p[:, :, t - overlap:], (0, 0, 0, t - overlap))  # (B, C, t, .): rows t-k.. -> 0..k-1
-    return pack((z_s, shift(z_h), shift(z_w)))
-
-
 class GaussianDiffusion(nn.Module):
     """DDPM (Ho et al. 2020) on packed latents z (B, C, N). The UNet predicts either the noise eps (the
     paper's choice, from latent diffusion) or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0
@@ -516,13 +496,17 @@ class GaussianDiffusion(nn.Module):
         return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
 
     def forward(self, z0, prev, has_prev):
-        """Algorithm 1 (training), joint version. z0: target clip latents; prev: latents of the clip before it
-        (which ends `overlap` frames after the target starts); has_prev (B,) bool, False when the video had no
-        room for a previous clip. Each sample is
-        conditioned on its previous clip with probability cond_prob, otherwise trained unconditionally,
-        so one network learns both p(z) and p(z | previous clip)."""
+        """Algorithm 1 (training), the paper's joint objective. z0: a clip's latents; prev: the latents of the
+        clip before it in the same video; has_prev (B,) False where the video had no room for one. One network
+        learns both p(z) and p(z | previous clip):
+
+            loss = E_{z_0, eps, t, c} [ w(t) || target - UNet(z_t, t, c * prev, c) ||^2 ],
+            z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps,   t ~ U{0..T-1},   c ~ Bernoulli(cond_prob),
+
+        target = eps (the paper) or v; w(t) = 1 (the paper) or Min-SNR (loss_weight). The flag c enters the UNet
+        too, so "no condition" and "a condition of zeros" never look alike."""
         b = z0.shape[0]
-        use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,)
+        use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,) c
         t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
         noise = torch.randn_like(z0)
         out = self.model(self.q_sample(z0, t, noise), t, self.align(prev), use_cond)
@@ -545,7 +529,8 @@ class GaussianDiffusion(nn.Module):
         return snr.clamp(max=self.cfg.min_snr) / (snr if self.cfg.prediction == "eps" else snr + 1)
 
     def align(self, z_prev):
-        """The previous clip's latent placed as this model was trained to see it (align_condition)."""
+        """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
+        the frames it shares with the new clip when clips overlap (section 8)."""
         if self.cfg.overlap == 0:
             return z_prev
         m = self.model.cfg
@@ -580,34 +565,17 @@ class GaussianDiffusion(nn.Module):
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
         cond = None if prev is None else self.align(prev)
-        known = self.known_rows(z) if cond is not None and self.cfg.overlap else None  # (1, 1, N), once per clip
+        shared = shared_rows(self) if cond is not None and self.cfg.overlap else None  # overlapping clips only
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             eps = self.guided_eps(z, torch.full((n,), t, device=device), cond, guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
-            if known is not None:
-                z = self.keep_known_rows(z, cond, known, t_prev, generator)
+            if shared is not None:
+                z = keep_shared_rows(self, z, cond, shared, t_prev, generator)
             if progress is not None:
                 progress(i + 1, steps)
         return z
-
-    def known_rows(self, z):
-        """(1, 1, N) bool mask of what a new clip shares with the one before: rows 0..k-1 of z_h and z_w. z_s
-        summarises the whole new clip, so it is never known."""
-        known = self.align(torch.ones_like(z[:1, :1]))  # (1, 1, N): 1 on z_s and on rows 0..k-1 of z_h and z_w
-        known[..., : self.model.cfg.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
-        return known.bool()
-
-    def keep_known_rows(self, z, cond, known, t, generator=None):
-        """With overlapping clips the first `overlap` rows of the new clip's z_h and z_w show frames the previous
-        clip has already made: replace them by the aligned condition noised to level t (clean after the last
-        step), as in inpainting with a diffusion model, so the shared frames agree exactly and the UNet
-        makes the rest fit them."""
-        if t >= 0:
-            ab = self.alpha_bar[t]
-            cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
-        return torch.where(known, cond, z)
 
     def ddim_step(self, z, eps, t, t_prev, eta, generator=None):
         """One update z_t -> z_{t_prev}: predict z_0, then move along the predicted noise direction."""
@@ -618,6 +586,48 @@ class GaussianDiffusion(nn.Module):
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         noise = torch.randn(z.shape, generator=generator, device=z.device)
         return ab_prev.sqrt() * z0 + (1 - ab_prev - sigma**2).sqrt() * eps + sigma * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Long videos: clips that overlap the one before (this project's extension; skip on a first read)
+# ----------------------------------------------------------------------------------------------
+# The paper makes a long video from disjoint clips, each conditioned on the one before (overlap 0 here).
+# This project lets consecutive clips share k frames: the condition is moved onto the shared frames, those
+# frames are kept while sampling, and the cut between clips lies inside the shared stretch.
+
+
+def align_condition(z_prev, overlap, T, h, w):
+    """Where the previous clip's latent enters the UNet. With the paper's disjoint clips (overlap 0) it is
+    concatenated as it is, so its last rows (frame T - 1) of z_h and z_w sit at the new clip's last rows, as far
+    as they can be from row 0, the row that must continue them. With overlapping clips the new clip starts
+    `overlap` frames before the previous one ends: the previous clip's last `overlap` rows of z_h and z_w move
+    to rows 0..overlap-1, where the new clip shows the same frames, and the rows left are zeros. Convolutions
+    then see the frames to continue right beside the frames to make. z_s (time collapsed) stays as it is.
+    z_prev (B, C, N) packed -> (B, C, N) packed."""
+    if overlap == 0:
+        return z_prev
+    z_s, z_h, z_w = unpack(z_prev, T, h, w)
+    shift = lambda p: F.pad(p[:, :, T - overlap:], (0, 0, 0, T - overlap))  # noqa: E731  rows T-k.. -> 0..k-1
+    return pack((z_s, shift(z_h), shift(z_w)))
+
+
+def shared_rows(diffusion):
+    """(1, 1, N) bool mask of what a new clip shares with the one before: rows 0..k-1 of z_h and z_w. z_s
+    summarises the whole new clip, so it is never shared."""
+    m = diffusion.model.cfg
+    shared = diffusion.align(torch.ones(1, 1, m.num_tokens, device=diffusion.alpha_bar.device))  # 1 on z_s, rows
+    shared[..., : m.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
+    return shared.bool()
+
+
+def keep_shared_rows(diffusion, z, cond, shared, t, generator=None):
+    """After each sampling step the shared rows of z are replaced by the aligned condition noised to level t
+    (clean after the last step), as in inpainting with a diffusion model, so the shared frames agree exactly and
+    the UNet makes the rest fit them."""
+    if t >= 0:
+        ab = diffusion.alpha_bar[t]
+        cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
+    return torch.where(shared, cond, z)
 
 
 @torch.no_grad()
@@ -640,21 +650,21 @@ def generate_video(autoencoder, diffusion, frames, n=1, **sample_kwargs):
         made, prev = made + new.shape[2], z
 
 
-def default_overlap(clip_len):
-    """Three quarters of a clip: with 16 frames, 12 shared and 4 new per clip. On the synthetic quick start clips
-    continued each other better with 12 shared frames than with 8, at equal training; the price is sampling
-    time: 29 clips make 128 frames, where the paper's disjoint clips need 8 (README, "Long videos")."""
-    return clip_len * 3 // 4
+def default_overlap(T):
+    """Three quarters of a clip of T frames: with 16 frames, 12 shared and 4 new per clip. On the synthetic quick
+    start clips continued each other better with 12 shared frames than with 8, at equal training; the price is
+    sampling time: 29 clips make 128 frames, where the paper's disjoint clips need 8 (README, "Long videos")."""
+    return T * 3 // 4
 
 
-def clips_needed(frames, clip_len, overlap):
+def clips_needed(frames, T, overlap):
     """How many clips generate_video samples for `frames` frames: the first and last each reach k // 2 frames
     into the shared stretch they alone cover, so together they are one clip; every other clip adds T - k."""
-    return 1 + max(0, math.ceil((frames - clip_len) / (clip_len - overlap)))
+    return 1 + max(0, math.ceil((frames - T) / (T - overlap)))
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Configs and presets
+# 9. Configs and presets
 # ----------------------------------------------------------------------------------------------
 
 
@@ -694,7 +704,7 @@ class AutoencoderConfig:
 @dataclass
 class UNetConfig:
     latent_channels: int = 4
-    frames: int = 16  # t of the latent planes
+    frames: int = 16  # T of the latent planes
     size: int = 8  # h = w of the latent planes
     base_channels: int = 64
     channel_mult: tuple = (1, 2)

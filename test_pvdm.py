@@ -221,7 +221,7 @@ def test_pack_unpack_round_trip():
     planes = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)
     z = pvdm.pack(planes)
     assert z.shape == (2, 4, 25 + 30 + 30)
-    for a, b in zip(pvdm.unpack(z, t=6, h=5, w=5), planes):
+    for a, b in zip(pvdm.unpack(z, T=6, h=5, w=5), planes):
         assert torch.equal(a, b)
 
 
@@ -255,7 +255,7 @@ def test_cross_plane_attention_knows_where_each_token_is():
     """Attention alone is blind to token order; the shared axis embeddings must make it see positions. Mirroring
     z_s left to right must change z_h's output, and only because of those embeddings."""
     torch.manual_seed(0)
-    attn = pvdm.CrossPlaneAttention(8, heads=2, t=4, h=3, w=3)
+    attn = pvdm.CrossPlaneAttention(8, heads=2, T=4, h=3, w=3)
     planes = [torch.randn(1, 8, 3, 3), torch.randn(1, 8, 4, 3), torch.randn(1, 8, 4, 3)]  # z_s, z_h, z_w
     mirrored = [planes[0].flip(-1), planes[1], planes[2]]
     with torch.no_grad():
@@ -1407,6 +1407,27 @@ def test_mismatched_pair_is_refused(pair, tmp_path):
         run_sampler(pair, tmp_path / "out", "--autoencoder", other_ae)
     with pytest.raises(SystemExit, match="no autoencoder at"):
         run_sampler(pair, tmp_path / "out", "--autoencoder", str(tmp_path / "missing.pt"))
+
+
+def test_teaching_pictures_show_each_noise_level_and_step_count(tmp_path, capsys):
+    """The noising picture: a row per timestep, and the frames decoded from z_t move further from the clean
+    row as t grows. The steps table: one timed row per step count with the shape figures (one-shape synthetic
+    data), in the JSON beside the picture."""
+    ae_path, diff_path = save_pair(tmp_path)
+    runtime.save_checkpoint(runtime.load_checkpoint(ae_path, "autoencoder") | {"num_shapes": 1}, ae_path)
+    evaluate.main(["noising", "--autoencoder", ae_path, "--out", str(tmp_path / "noising.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("row")]
+    assert len(lines) == len(evaluate.NOISE_LEVELS) and lines[-1].endswith("z_t = 0.012 z_0 + 1.000 eps")
+    picture = iio.imread(tmp_path / "noising.png").astype(np.float32)
+    rows = picture.reshape(len(lines), -1, *picture.shape[1:])[:, :, :picture.shape[1] // 2]  # frames' side
+    distance = [np.abs(row - rows[0]).mean() for row in rows]
+    assert 0 < distance[1] < distance[3] < distance[-1]
+    evaluate.main(["steps", "--diffusion", diff_path, "--steps", "1", "4", "--num-videos", "2",
+                   "--out", str(tmp_path / "steps.png")])
+    figures = json.load(open(tmp_path / "steps.json"))["steps"]
+    assert list(figures) == ["1", "4"] and all(f["seconds_per_clip"] > 0 and "colour_change" in f
+                                               for f in figures.values())
+    assert iio.imread(tmp_path / "steps.png").shape[0] > 2 * 2 * 32  # two rows of 2x-scaled 32-pixel frames
 
 
 def test_defaults_after_quick_start(tmp_path):
