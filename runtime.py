@@ -1,7 +1,9 @@
 """
-The run plumbing the scripts share, so each script stays one linear story: flags, device and DDP set-up,
-precision, endless batches, the learning-rate schedule, the optimiser step, logging and progress lines,
-checkpoint I/O, and the frame-change measure sample.py reports. A module, not a script: nothing runs here.
+The run plumbing the scripts share, so each script stays one linear story. A module, not a script.
+
+Read the first part: set-up (device, DDP, precision), batches and the learning rate, logging and progress,
+checkpoints. A first reading can stop at the line that says so; what follows it keeps runs safe (flag checks,
+memory and NaN checks, exact resumption, safe loading, the output folder's lock) and can be skipped.
 """
 import argparse
 import atexit
@@ -18,9 +20,9 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
+from functools import partial
 from stat import S_ISREG
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -31,116 +33,16 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import pvdm
 
-# ----------------------------------------------------------------------------------------------
-# Flag types: every number and device is checked where it enters, the allowed range in the message
-# ----------------------------------------------------------------------------------------------
-
-
-def int_in(low, high=None):
-    """An argparse type: a whole number in [low, high] (no upper end when high is None)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range; use a whole number "
-                                             + (f"from {low} to {high}" if high is not None else f">= {low}"))
-        return value
-    return parse
-
-
-def float_in(low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: a finite number in the interval from low to high (ends excluded when open_*)."""
-    interval = ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        too_low, too_high = value < low or open_low and value == low, value > high or open_high and value == high
-        if not math.isfinite(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range; use a finite number in {interval}")
-        return value
-    return parse
-
-
-positive_int, non_negative_int, finite_float, probability = int_in(1), int_in(0), float_in(), float_in(0, 1)
-learning_rate_value = float_in(0, 1, open_low=True)
-
-
-def device_name(text):
-    """An argparse type: cpu, cuda (under torchrun: this rank's GPU) or cuda:N."""
-    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose cpu, cuda or cuda:N")
-
-
-def resolve_device(name):
-    """The torch.device a --device value names (None: cuda when available), or one line saying why it cannot be
-    used. 'cuda' means this process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 alone."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    device, count = torch.device(name), torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and device.index >= count:
-        raise SystemExit(f"error: --device {name} asked for, but this torch sees {count} CUDA GPU(s); "
-                         + ("use --device cpu." if count == 0 else f"use cuda:0 to cuda:{count - 1}."))
-    return device
-
 
 # ----------------------------------------------------------------------------------------------
-# Flags, start-up and precision
+# Set-up: device, processes, precision
 # ----------------------------------------------------------------------------------------------
 
 
-def add_data_args(parser):
-    """The data flags shared by the training and evaluation scripts."""
-    parser.add_argument("--data", default="synthetic", choices=data.DATASETS,
-                        help="synthetic needs no download; the others read --data-dir")
-    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
-    parser.add_argument("--split", default="train", choices=data.SPLITS)
-    parser.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--num-shapes", type=int_in(1, 8),
-                        help="synthetic data only: shapes per video (default 1; 2 is a harder set)")
-    return parser
-
-
-def synthetic_options(args, trained=None):
-    """make_dataset's options from the data flags: --num-shapes if given, else `trained`, the shapes per
-    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
-    num_shapes = args.num_shapes if args.num_shapes is not None else trained
-    return {} if num_shapes is None else {"num_shapes": num_shapes}
-
-
-def add_common_args(p, out, steps, batch_size):
-    """Flags both training stages share. --batch-size is the global batch, split evenly over the ranks."""
-    add_data_args(p)
-    p.add_argument("--resolution", type=int_in(1, 1024), help="frame size (default: the preset's)")
-    p.add_argument("--frames", type=int_in(1, 1024), help="frames per clip (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size)
-    p.add_argument("--steps", type=positive_int, default=steps, help="optimiser steps in total")
-    p.add_argument("--warmup", type=non_negative_int, default=100, help="steps of linear learning-rate warm-up")
-    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
-                   help="after warm-up: cosine decay to zero at --steps, or a constant rate (the paper's)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward: less memory, more time")
-    p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--start-over", action="store_true",
-                   help="train afresh although --out holds a checkpoint; the old one is kept beside it, renamed")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--log-every", type=positive_int, default=50)
-    p.add_argument("--save-every", type=positive_int, default=500)
-    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
-
-
-def setup(args):
-    """One process per device. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK are set and we join the group
-    (nccl on CUDA, gloo on CPU); under plain python this is a world of one."""
+def init_process(args):
+    """This process's rank, the world size and its device. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK are set and
+    the process joins the group (nccl on CUDA, gloo on CPU); under plain python this is a world of one. Also sets
+    args.device and args.precision (bf16 on CUDA, fp32 on CPU, unless given), the seed (one per rank) and TF32."""
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device)
@@ -159,87 +61,23 @@ def setup(args):
     return rank, world, device
 
 
-def rng_states(device, world):
-    """Every rank's random state (CPU, and its GPU's on CUDA), for the checkpoint: a run resumed from it draws the
-    same noise, timesteps and conditioning choices as one that never stopped. Called on all ranks."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rng(states, rank, device):
-    """Continue the random streams a checkpoint saved; one from another number of ranks keeps the fresh seed."""
-    if states is not None and len(states) > rank:
-        torch.set_rng_state(states[rank][0])
-        if device.type == "cuda" and len(states[rank]) > 1:
-            torch.cuda.set_rng_state(states[rank][1], device)
-
-
 def wrap_ddp(model, device, world):
     """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks); alone, as it is."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+
+def mean_over_ranks(value, world):
+    """The logged loss is the average over all ranks, not rank 0's alone."""
+    value = value.detach().float().clone()
+    if world > 1:
+        dist.all_reduce(value)
+    return value.item() / world
 
 
 def teardown(world):
     """Leave the process group at the end, so torchrun sees every rank finish cleanly."""
     if world > 1:
         dist.destroy_process_group()
-
-
-def fail(message, distributed=False):
-    """A user error found at start-up: one line, and a clean exit on every rank."""
-    if distributed:
-        dist.destroy_process_group()
-    raise SystemExit(f"error: {message}")
-
-
-def check_fits(args, device, world, build):
-    """The paper preset, before training allocates: the memory one training step needs on this rank, estimated on
-    fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
-    backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
-    and names the flag that fits, rather than a kernel's kill minutes later. build(batch) -> (model, its loss)."""
-    if args.preset != "paper":
-        return
-    kept = {}  # storage -> bytes of every tensor saved for backward
-
-    def keep(t):
-        kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-    with FakeTensorMode(), FlopCounterMode(display=False) as flops, autocast("cpu", args.precision):
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model, loss = build(args.batch_size // world)
-        loss.backward()
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
-    if need > free:
-        days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
-        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
-               "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
-                         f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here, but this "
-                         f"{device.type} has {free / 2**30:.0f} GB free; {fix}.")
-
-
-def free_ram():
-    """Memory the kernel can still give this process (Linux: MemAvailable), else the machine's total."""
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/meminfo") as f:
-            return 1024 * int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def matmul_speed(device, n=1024, calls=4):
-    """FLOP/s of this device on a square matmul: an upper bound on what training reaches."""
-    a = torch.randn(n, n, device=device)
-    (a @ a).sum().item()
-    start = time.perf_counter()
-    for _ in range(calls):
-        b = a @ a
-    b.sum().item()  # waits for the GPU
-    return calls * 2 * n**3 / (time.perf_counter() - start)
 
 
 def autocast(device, precision):
@@ -249,8 +87,16 @@ def autocast(device, precision):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def new_scaler(device, args, state=None):
+    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved: its scale and its
+    count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never stopped."""
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+    return scaler
+
 # ----------------------------------------------------------------------------------------------
-# Training: batches, learning rate, the optimiser step
+# Batches and the learning rate
 # ----------------------------------------------------------------------------------------------
 
 
@@ -290,37 +136,272 @@ def learning_rate(step, args):
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-def new_scaler(device, args, state=None):
-    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved: its scale and its
-    count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never stopped."""
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if state and scaler.is_enabled():
-        scaler.load_state_dict(state)
-    return scaler
-
-
-def optimizer_step(loss, opt, scaler, lr):
-    """Backward, then one step at rate lr. The scaler scales the loss in fp16 only (a no-op otherwise)."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    for group in opt.param_groups:
-        group["lr"] = lr
-    scaler.step(opt)
-    scaler.update()
-
-
 # ----------------------------------------------------------------------------------------------
-# Logging and progress
+# Logging
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_over_ranks(value, world):
-    """The logged loss is the average over all ranks, not rank 0's alone."""
-    value = value.detach().float().clone()
-    if world > 1:
-        dist.all_reduce(value)
-    return value.item() / world
+def log(rank, out, text):
+    """Rank 0 prints and appends to OUT/log.txt."""
+    if rank == 0:
+        print(text, flush=True)
+        with open(os.path.join(out, "log.txt"), "a") as f:
+            f.write(text + "\n")
+
+
+class TrainingMeter:
+    """The log line's throughput (clips/s) and peak GPU memory, and once, a few steps in, the projected time to
+    --steps."""
+
+    def __init__(self, device, step, args, say):
+        self.device, self.start, self.step0, self.global_batch = device, time.time(), step, args.batch_size
+        self.total, self.say, self.first, self.said = args.steps, say, None, False  # first: (step, time) at step 1
+        self.hint = ("; the paper preset on a CPU takes days: --preset tiny trains a small model in minutes"
+                     if device.type == "cpu" and args.preset == "paper" else "")
+
+    def line(self, step):
+        rate = (step - self.step0) * self.global_batch / (time.time() - self.start)
+        mem = ""
+        if self.device.type == "cuda":
+            mem = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
+        return f"{rate:.1f} clips/s{mem}"
+
+    def project(self, step):
+        """Says once, after 5 steps or 30 s (timed from the end of the first step, so start-up does not count),
+        how long the run will take to reach --steps at this pace."""
+        if self.first is None:
+            self.first = (step, time.time())
+            return
+        done, spent = step - self.first[0], time.time() - self.first[1]
+        if self.said or not (done >= 5 or done and spent >= 30) or step >= self.total:
+            return
+        left = spent / done * (self.total - step)
+        days = f" ({left / 86400:.1f} days)" if left >= 86400 else ""
+        self.say(f"projected: {fmt_time(left)}{days} more to step {self.total}, at {spent / done:.2f} s per "
+                 f"step{self.hint}")
+        self.said = True
+
+
+def fmt_time(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: self-describing, plain types, written atomically
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a run killed mid-save leaves the previous checkpoint intact, never half a file. Refuses
+    NaN or inf anywhere in obj, so a blown-up model never replaces a good checkpoint, and answers a full disk in one
+    line, removing its temporary file."""
+    bad = nonfinite(obj)
+    if bad is not None:
+        raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
+    tmp = temporary(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = getattr(error, "strerror", None) or "the disk may be full, or the folder not writable"
+        raise SystemExit(f"error: could not write {path} ({reason}). "
+                         f"{what_is_left(path, 'once there is space, or with another --out')}") from None
+
+
+def load_checkpoint(path, kind, resume=False):
+    """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind and keys."""
+    if not os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        aside = sorted(glob.glob(f"{glob.escape(stem)}.[0-9]*{ext}"))  # what --start-over set aside
+        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path" + (
+            f" (--start-over set {aside[-1]} aside: rename it to {path} to resume it)." if aside else "."))
+    fix = f"pass a checkpoint that train_{kind}.py wrote"
+    ckpt = load_file(path, f"the {kind} checkpoint", fix)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; {fix}.")
+    wanted = CHECKPOINT_KEYS[kind] | (RESUME_KEYS if resume else {})
+    missing = [k for k in wanted if entry(ckpt, k) is None]
+    if missing:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)}, so it is incomplete; {fix}.")
+    wrong = [k for k, kind_of in wanted.items() if not isinstance(entry(ckpt, k), kind_of)]
+    if wrong:
+        raise SystemExit(f"error: {path} holds {', '.join(wrong)} of the wrong type, so it is damaged; {fix}.")
+    return ckpt
+
+
+def load_autoencoder(path, device="cpu"):
+    """Rebuild a trained autoencoder from its checkpoint alone (config + weights), in eval mode."""
+    return autoencoder_from_checkpoint(load_checkpoint(path, "autoencoder"), device, path)
+
+
+def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
+    """The same, from a checkpoint already loaded (to read its other entries too)."""
+    def build():
+        model = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+    return rebuilt(path, build).to(device).eval()
+
+
+# ==============================================================================================
+# A first reading can stop here. What follows keeps runs safe; the scripts work the same without reading it.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Flags: every number and device is checked where it enters
+# ----------------------------------------------------------------------------------------------
+
+
+def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite int or float from low to high (an end left out when open_*); a value it refuses
+    gets the allowed range in the message."""
+    name = "whole number" if kind is int else "finite number"
+    if kind is int:
+        allowed = f"from {low} to {high}" if high < math.inf else f">= {low}"
+    else:
+        allowed = "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {name.removeprefix('finite ')}") from None
+        outside = not (math.isfinite(value) and low <= value <= high)
+        if outside or value == low and open_low or value == high and open_high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; use a {name} {allowed}")
+        return value
+    return parse
+
+
+int_in = lambda low, high=math.inf: number_in(int, low, high)  # noqa: E731
+float_in = partial(number_in, float)
+positive_int, non_negative_int, finite_float, probability = int_in(1), int_in(0), float_in(), float_in(0, 1)
+learning_rate_value = float_in(0, 1, open_low=True)
+
+
+def device_name(text):
+    """An argparse type: cpu, cuda (under torchrun: this rank's GPU) or cuda:N."""
+    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose cpu, cuda or cuda:N")
+
+
+def resolve_device(name):
+    """The torch.device a --device value names (None: cuda when available), or one line saying why it cannot be
+    used. 'cuda' means this process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 alone."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device, count = torch.device(name), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and device.index >= count:
+        raise SystemExit(f"error: --device {name} asked for, but this torch sees {count} CUDA GPU(s); "
+                         + ("use --device cpu." if count == 0 else f"use cuda:0 to cuda:{count - 1}."))
+    return device
+
+
+def add_data_args(parser):
+    """The data flags shared by the training and evaluation scripts."""
+    parser.add_argument("--data", default="synthetic", choices=data.DATASETS,
+                        help="synthetic needs no download; the others read --data-dir")
+    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
+    parser.add_argument("--split", default="train", choices=data.SPLITS)
+    parser.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--num-shapes", type=int_in(1, 8),
+                        help="synthetic data only: shapes per video (default 1; 2 is a harder set)")
+    return parser
+
+
+def num_shapes_option(args, trained=None):
+    """make_dataset's shape-count option from the data flags: --num-shapes if given, else `trained`, the shapes per
+    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
+    num_shapes = args.num_shapes if args.num_shapes is not None else trained
+    return {} if num_shapes is None else {"num_shapes": num_shapes}
+
+
+def add_common_args(p, out, steps, batch_size):
+    """Flags both training stages share. --batch-size is the global batch, split evenly over the ranks."""
+    add_data_args(p)
+    p.add_argument("--resolution", type=int_in(1, 1024), help="frame size (default: the preset's)")
+    p.add_argument("--frames", type=int_in(1, 1024), help="frames per clip (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--steps", type=positive_int, default=steps, help="optimiser steps in total")
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
+                   help="after warm-up: cosine decay to zero at --steps, or a constant rate (the paper's)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory, more time")
+    p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--start-over", action="store_true",
+                   help="train afresh although --out holds a checkpoint; the old one is kept beside it, renamed")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--save-every", type=positive_int, default=500)
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+# ----------------------------------------------------------------------------------------------
+# Checks before and during training: one line, and never a lost model
+# ----------------------------------------------------------------------------------------------
+
+
+def fail(message, distributed=False):
+    """A user error found at start-up: one line, and a clean exit on every rank."""
+    if distributed:
+        dist.destroy_process_group()
+    raise SystemExit(f"error: {message}")
+
+
+def check_fits(args, device, world, build):
+    """The paper preset, before training allocates: the memory one training step needs on this rank, estimated on
+    fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
+    backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
+    and names the flag that fits, rather than a kernel's kill minutes later. build(batch) -> (model, its loss)."""
+    if args.preset != "paper":
+        return
+    kept = {}  # storage -> bytes of every tensor saved for backward
+
+    def keep(t):
+        kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+    with FakeTensorMode(), FlopCounterMode(display=False) as flops, autocast("cpu", args.precision):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model, loss = build(args.batch_size // world)
+        loss.backward()
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
+    if need > free:
+        days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
+        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
+               "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
+        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
+                         f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here, but "
+                         f"this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
+
+
+def free_ram():
+    """Memory the kernel can still give this process (Linux: MemAvailable), else the machine's total."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return 1024 * int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def matmul_speed(device, n=1024, calls=4):
+    """FLOP/s of this device on a square matmul: an upper bound on what training reaches."""
+    a = torch.randn(n, n, device=device)
+    (a @ a).sum().item()
+    start = time.perf_counter()
+    for _ in range(calls):
+        b = a @ a
+    b.sum().item()  # waits for the GPU
+    return calls * 2 * n**3 / (time.perf_counter() - start)
 
 
 def nonfinite(tree):
@@ -355,56 +436,148 @@ def check_finite(loss, step, ckpt_path, modules=()):
         raise SystemExit(f"error: {bad} at step {step}; stopping without saving. {what_is_left(ckpt_path)}")
 
 
-class Meter:
-    """Throughput and memory for the log line, and once, a few steps in, the projected time to --steps."""
-
-    def __init__(self, device, step, args, say):
-        self.device, self.start, self.step0, self.global_batch = device, time.time(), step, args.batch_size
-        self.total, self.say, self.first, self.said = args.steps, say, None, False  # first: (step, time) at step 1
-        self.hint = ("; the paper preset on a CPU takes days: --preset tiny trains a small model in minutes"
-                     if device.type == "cpu" and args.preset == "paper" else "")
-
-    def line(self, step):
-        rate = (step - self.step0) * self.global_batch / (time.time() - self.start)
-        mem = ""
-        if self.device.type == "cuda":
-            mem = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
-        return f"{rate:.1f} clips/s{mem}"
-
-    def project(self, step):
-        """Says once, after 5 steps or 30 s (timed from the end of the first step, so start-up does not count),
-        how long the run will take to reach --steps at this pace."""
-        if self.first is None:
-            self.first = (step, time.time())
-            return
-        done, spent = step - self.first[0], time.time() - self.first[1]
-        if self.said or not (done >= 5 or done and spent >= 30) or step >= self.total:
-            return
-        left = spent / done * (self.total - step)
-        days = f" ({left / 86400:.1f} days)" if left >= 86400 else ""
-        self.say(f"projected: {fmt_time(left)}{days} more to step {self.total}, at {spent / done:.2f} s per "
-                 f"step{self.hint}")
-        self.said = True
-
-
-def log(rank, out, text):
-    """Rank 0 prints and appends to OUT/log.txt."""
-    if rank == 0:
-        print(text, flush=True)
-        with open(os.path.join(out, "log.txt"), "a") as f:
-            f.write(text + "\n")
-
-
 def say_if_done(rank, args, ckpt_path, step):
     """A resumed run already at --steps trains nothing: one line says so, rather than a silent exit."""
     if step >= args.steps:
         log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
             "to train on.")
 
+# ----------------------------------------------------------------------------------------------
+# Resuming exactly, and loading only what belongs together
+# ----------------------------------------------------------------------------------------------
 
-def fmt_time(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+def rng_states(device, world):
+    """Every rank's random state (CPU, and its GPU's on CUDA), for the checkpoint: a run resumed from it draws the
+    same noise, timesteps and conditioning choices as one that never stopped. Called on all ranks."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, device):
+    """Continue the random streams a checkpoint saved; one from another number of ranks keeps the fresh seed."""
+    if states is not None and len(states) > rank:
+        torch.set_rng_state(states[rank][0])
+        if device.type == "cuda" and len(states[rank]) > 1:
+            torch.cuda.set_rng_state(states[rank][1], device)
+
+
+def load_diffusion(path, device, autoencoder_path=None, ema=True):
+    """A trained diffusion model (its EMA weights unless ema=False) and the autoencoder it was trained with (by
+    default the one its checkpoint records), in eval mode, refusing a pair that does not belong together: the
+    autoencoder's latents would be noise to the UNet. Returns (autoencoder, diffusion, step, autoencoder path)."""
+    ckpt = load_checkpoint(path, "diffusion")
+    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
+    if not os.path.isfile(autoencoder_path):
+        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
+                         "path with --autoencoder.")
+    autoencoder = load_autoencoder(autoencoder_path, device)
+    ucfg = rebuilt(path, lambda: pvdm.UNetConfig(**ckpt["unet_config"]))
+    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
+    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
+    if ae_shape != unet_shape:
+        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
+                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
+    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, autoencoder_path)
+    weights = "ema" if ema else "model"
+    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg),
+                                                             pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
+    rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
+    for name, module in ((autoencoder_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
+        if nonfinite(module) is not None:
+            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
+                             "checkpoint or train again.")
+    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
+
+
+def load_file(path, what, fix):
+    """The one way a checkpoint or cache is read: torch.load with weights_only=True, so only tensors and plain
+    values come back and a hostile pickle never runs. A missing, empty, truncated, foreign or hostile file is
+    answered in one line naming it and `fix`, what to do."""
+    path = str(path)
+    if os.path.isdir(path):
+        problem = "is a folder, not a file"
+    elif not os.path.isfile(path):
+        problem = "does not exist"
+    elif os.path.getsize(path) == 0:
+        problem = "is empty"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns before failing on some foreign files
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's own message here suggests weights_only=False: never do that
+            problem = "holds more than tensors and plain values (foreign, damaged or hostile), so it was not unpickled"
+        except Exception:  # zip and OS errors of truncated or damaged files
+            problem = "cannot be read (it is truncated, damaged or not a PyTorch file)"
+    raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
+
+
+# What every checkpoint of a kind holds (each entry's type; dotted: an entry inside one), and what resuming needs.
+CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
+                   "diffusion": {"unet_config": dict, "diffusion_config": dict, "model": dict, "ema": dict,
+                                 "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
+
+
+RESUME_KEYS = {"optimizer": dict, "step": int}
+
+
+def entry(tree, dotted):
+    """tree["a"]["b"] for "a.b", or None where a level is missing or not a dict."""
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def rebuilt(path, build):
+    """build() a model from a loaded checkpoint, answering a config or weights this code cannot use in one line."""
+    try:
+        return build()
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
+        raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a model from "
+                         f"({str(error).splitlines()[0][:200]}); pass a checkpoint this version wrote.") from None
+
+
+def config_changes(saved, current):
+    """Fields in which a checkpoint's config (a dict) differs from this run's dataclass config, read through the
+    dataclass so a field added since reads at its default. Activation checkpointing trades memory for time
+    and leaves the model as it is, so a resumed run may switch it."""
+    try:
+        there = asdict(type(current)(**saved))
+    except (TypeError, ValueError) as error:  # a field this code does not know, or a value it refuses
+        return [f"one this code cannot read: {error}"]
+    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
+            if key != "grad_checkpointing" and there[key] != value]
+
+
+def load_states(path, ckpt, **targets):
+    """On resume, each model or optimiser in `targets` loads ckpt[its keyword]; a mismatch is one line, not a trace."""
+    for key, target in targets.items():
+        rebuilt(path, lambda: target.load_state_dict(ckpt[key]))
+
+
+def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
+    """Refuse an autoencoder other than the one a diffusion checkpoint records (its `record`, path + fingerprint):
+    its latents would be noise to the UNet. Used by sample.py and by resuming stage 2."""
+    if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
+        raise SystemExit(f"error: {path} was trained with a different autoencoder than {autoencoder_path} (weights "
+                         f"fingerprint differs); pass the one it was trained with, {record['path']} when it was "
+                         "saved (a --start-over run keeps the old one beside the new, renamed with the time).")
+
+
+def trained_num_shapes(ckpt):
+    """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
+    Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
+    if "num_shapes" in ckpt:
+        return ckpt["num_shapes"]
+    return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
+
+# ----------------------------------------------------------------------------------------------
+# Progress lines for long work
+# ----------------------------------------------------------------------------------------------
 
 
 class Progress:
@@ -437,176 +610,6 @@ class Progress:
         if self.tty and self.done:
             self.stream.write("\n")
             self.stream.flush()
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: self-describing, plain types, written atomically
-# ----------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(obj, path):
-    """Write atomically: a run killed mid-save leaves the previous checkpoint intact, never half a file. Refuses
-    NaN or inf anywhere in obj, so a blown-up model never replaces a good checkpoint, and answers a full disk in one
-    line, removing its temporary file."""
-    bad = nonfinite(obj)
-    if bad is not None:
-        raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
-    tmp = temporary(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        reason = getattr(error, "strerror", None) or "the disk may be full, or the folder not writable"
-        raise SystemExit(f"error: could not write {path} ({reason}). "
-                         f"{what_is_left(path, 'once there is space, or with another --out')}") from None
-
-
-def load_file(path, what, fix):
-    """The one way a checkpoint or cache is read: torch.load with weights_only=True, so only tensors and plain
-    values come back and a hostile pickle never runs. A missing, empty, truncated, foreign or hostile file is
-    answered in one line naming it and `fix`, what to do."""
-    path = str(path)
-    if os.path.isdir(path):
-        problem = "is a folder, not a file"
-    elif not os.path.isfile(path):
-        problem = "does not exist"
-    elif os.path.getsize(path) == 0:
-        problem = "is empty"
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch warns before failing on some foreign files
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's own message here suggests weights_only=False: never do that
-            problem = "holds more than tensors and plain values (foreign, damaged or hostile), so it was not unpickled"
-        except Exception:  # zip and OS errors of truncated or damaged files
-            problem = "cannot be read (it is truncated, damaged or not a PyTorch file)"
-    raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
-
-
-# What every checkpoint of a kind holds (each entry's type; dotted: an entry inside one), and what resuming needs besides.
-CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
-                   "diffusion": {"unet_config": dict, "diffusion_config": dict, "model": dict, "ema": dict,
-                                 "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
-RESUME_KEYS = {"optimizer": dict, "step": int}
-
-
-def entry(tree, dotted):
-    """tree["a"]["b"] for "a.b", or None where a level is missing or not a dict."""
-    for key in dotted.split("."):
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-
-
-def load_checkpoint(path, kind, resume=False):
-    """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind and keys."""
-    if not os.path.exists(path):
-        stem, ext = os.path.splitext(path)
-        aside = sorted(glob.glob(f"{glob.escape(stem)}.[0-9]*{ext}"))  # what --start-over set aside
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path" + (
-            f" (--start-over set {aside[-1]} aside: rename it to {path} to resume it)." if aside else "."))
-    fix = f"pass a checkpoint that train_{kind}.py wrote"
-    ckpt = load_file(path, f"the {kind} checkpoint", fix)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; {fix}.")
-    wanted = CHECKPOINT_KEYS[kind] | (RESUME_KEYS if resume else {})
-    missing = [k for k in wanted if entry(ckpt, k) is None]
-    if missing:
-        raise SystemExit(f"error: {path} lacks {', '.join(missing)}, so it is incomplete; {fix}.")
-    wrong = [k for k, kind_of in wanted.items() if not isinstance(entry(ckpt, k), kind_of)]
-    if wrong:
-        raise SystemExit(f"error: {path} holds {', '.join(wrong)} of the wrong type, so it is damaged; {fix}.")
-    return ckpt
-
-
-def rebuilt(path, build):
-    """build() a model from a loaded checkpoint, answering a config or weights this code cannot use in one line."""
-    try:
-        return build()
-    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
-        raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a model from "
-                         f"({str(error).splitlines()[0][:200]}); pass a checkpoint this version wrote.") from None
-
-
-def config_changes(saved, current):
-    """Fields in which a checkpoint's config (a dict) differs from this run's dataclass config, read through the
-    dataclass so a field added since reads at its default. Activation checkpointing trades memory for time
-    and leaves the model as it is, so a resumed run may switch it."""
-    try:
-        there = asdict(type(current)(**saved))
-    except (TypeError, ValueError) as error:  # a field this code does not know, or a value it refuses
-        return [f"one this code cannot read: {error}"]
-    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
-            if key != "grad_checkpointing" and there[key] != value]
-
-
-def load_states(path, ckpt, **targets):
-    """On resume, each model or optimiser in `targets` loads ckpt[its keyword]; a mismatch is one line, not a trace."""
-    for key, target in targets.items():
-        rebuilt(path, lambda: target.load_state_dict(ckpt[key]))
-
-
-def load_autoencoder(path, device="cpu"):
-    """Rebuild a trained autoencoder from its checkpoint alone (config + weights), in eval mode."""
-    return autoencoder_from_checkpoint(load_checkpoint(path, "autoencoder"), device, path)
-
-
-def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
-    """The same, from a checkpoint already loaded (to read its other entries too)."""
-    def build():
-        model = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        return model
-    return rebuilt(path, build).to(device).eval()
-
-
-def load_diffusion(path, device, autoencoder_path=None, ema=True):
-    """A trained diffusion model (its EMA weights unless ema=False) and the autoencoder it was trained with (by
-    default the one its checkpoint records), in eval mode, refusing a pair that does not belong together: the
-    autoencoder's latents would be noise to the UNet. Returns (autoencoder, diffusion, step, autoencoder path)."""
-    ckpt = load_checkpoint(path, "diffusion")
-    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
-    if not os.path.isfile(autoencoder_path):
-        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
-                         "path with --autoencoder.")
-    autoencoder = load_autoencoder(autoencoder_path, device)
-    ucfg = rebuilt(path, lambda: pvdm.UNetConfig(**ckpt["unet_config"]))
-    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
-    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
-    if ae_shape != unet_shape:
-        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
-                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
-    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, autoencoder_path)
-    weights = "ema" if ema else "model"
-    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg),
-                                                             pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
-    rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
-    for name, module in ((autoencoder_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
-        if nonfinite(module) is not None:
-            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
-                             "checkpoint or train again.")
-    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
-
-
-def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
-    """Refuse an autoencoder other than the one a diffusion checkpoint records (its `record`, path + fingerprint):
-    its latents would be noise to the UNet. Used by sample.py and by resuming stage 2."""
-    if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
-        raise SystemExit(f"error: {path} was trained with a different autoencoder than {autoencoder_path} (weights "
-                         f"fingerprint differs); pass the one it was trained with, {record['path']} when it was "
-                         "saved (a --start-over run keeps the old one beside the new, renamed with the time).")
-
-
-def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
-    Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
-    if "num_shapes" in ckpt:
-        return ckpt["num_shapes"]
-    return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
-
 
 # ----------------------------------------------------------------------------------------------
 # The output folder: one run at a time, nothing trained overwritten, no stale temporary files
@@ -667,6 +670,8 @@ def check_out_dir(out, names, formats, overwrite):
 
 
 HOST = socket.gethostname()
+
+
 # run.lock holds 'pvdm run PID@HOST'; a bare pid is a lock of this host from before hosts were recorded
 LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)
 
@@ -795,8 +800,8 @@ def interrupted(path, rank):
                      f"python {shlex.join(argv)}")
 
 
-def run_main(main):
-    """A script's entry point: an OSError that escapes main (a full disk, a folder removed under a running job) or
+def run_cleanly(main):
+    """Run a script's main() so that an OSError that escapes main (a full disk, a folder removed under a running job) or
     Ctrl-C ends in one line, not a traceback."""
     try:
         main()
@@ -804,39 +809,3 @@ def run_main(main):
         raise SystemExit("interrupted.") from None
     except OSError as error:
         raise SystemExit(f"error: {error}; free some space or fix the path, then run again (training: --resume).")
-
-
-# ----------------------------------------------------------------------------------------------
-# Frame-change measure of sampled videos
-# ----------------------------------------------------------------------------------------------
-
-
-class Continuity:
-    """How much consecutive frames differ (mean absolute difference, grey levels 0-255), kept apart for pairs
-    inside a clip and pairs across a clip boundary. A model that continues its previous clip makes the two
-    alike; one that starts each clip afresh jumps at every boundary."""
-
-    def __init__(self):
-        self.sums = {"within": 0.0, "across": 0.0}
-        self.counts = {"within": 0, "across": 0}
-        self.last = {}  # video name -> its latest frame, until forget()
-
-    def add(self, video, frames):
-        """frames (<=T, H, W, 3) uint8: the next clip of the video named `video`."""
-        frames = frames.astype(np.float64)
-        diffs = {"within": np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))}  # (<=T - 1,)
-        if video in self.last:
-            diffs["across"] = np.abs(frames[0] - self.last[video]).mean(keepdims=True)
-        self.last[video] = frames[-1].astype(np.uint8)
-        for key, d in diffs.items():
-            self.sums[key] += d.sum()
-            self.counts[key] += d.size
-
-    def forget(self, videos):
-        """Drop the last frames of finished videos, so memory does not grow with --num-videos."""
-        for video in videos:
-            self.last.pop(video, None)
-
-    def means(self):
-        """{"within": mean change inside clips, "across": mean change at clip boundaries}, None where unseen."""
-        return {k: self.sums[k] / self.counts[k] if self.counts[k] else None for k in self.sums}

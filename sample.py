@@ -20,10 +20,41 @@ import torch
 
 import data
 import pvdm
-from runtime import (Continuity, Progress, autocast, check_out_dir, device_name, finite_float, float_in, fmt_time,
-                     int_in, load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, run_main,
-                     removed_on_failure, take_lock)
+from runtime import (Progress, autocast, check_out_dir, device_name, finite_float, float_in, fmt_time, int_in,
+                     load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device, removed_on_failure,
+                     run_cleanly, take_lock)
 
+
+
+class Continuity:
+    """How much consecutive frames differ (mean absolute difference, grey levels 0-255), kept apart for pairs
+    inside a clip and pairs across a clip boundary. A model that continues its previous clip makes the two
+    alike; one that starts each clip afresh jumps at every boundary."""
+
+    def __init__(self):
+        self.sums = {"within": 0.0, "across": 0.0}
+        self.counts = {"within": 0, "across": 0}
+        self.last = {}  # video name -> its latest frame, until forget()
+
+    def add(self, video, frames):
+        """frames (<=T, H, W, 3) uint8: the next clip of the video named `video`."""
+        frames = frames.astype(np.float64)
+        diffs = {"within": np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))}  # (<=T - 1,)
+        if video in self.last:
+            diffs["across"] = np.abs(frames[0] - self.last[video]).mean(keepdims=True)
+        self.last[video] = frames[-1].astype(np.uint8)
+        for key, d in diffs.items():
+            self.sums[key] += d.sum()
+            self.counts[key] += d.size
+
+    def forget(self, videos):
+        """Drop the last frames of finished videos, so memory does not grow with --num-videos."""
+        for video in videos:
+            self.last.pop(video, None)
+
+    def means(self):
+        """{"within": mean change inside clips, "across": mean change at clip boundaries}, None where unseen."""
+        return {k: self.sums[k] / self.counts[k] if self.counts[k] else None for k in self.sums}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample long videos from a trained PVDM, clip by clip.")
@@ -176,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cleanly(main)

@@ -628,8 +628,8 @@ def test_checkpoints_tell_how_many_shapes_their_model_learnt():
     assert runtime.trained_num_shapes({"num_shapes": None, "args": {"data": "ucf101"}}) is None
     assert runtime.trained_num_shapes({"args": {"data": "ucf101"}}) is None
     parse = runtime.add_data_args(argparse.ArgumentParser()).parse_args
-    assert runtime.synthetic_options(parse([]), trained=2) == {"num_shapes": 2}
-    assert runtime.synthetic_options(parse(["--num-shapes", "1"]), trained=2) == {"num_shapes": 1}  # the flag wins
+    assert runtime.num_shapes_option(parse([]), trained=2) == {"num_shapes": 2}
+    assert runtime.num_shapes_option(parse(["--num-shapes", "1"]), trained=2) == {"num_shapes": 1}  # the flag wins
 
 
 # -- Writing videos
@@ -712,11 +712,11 @@ def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
     """Frames that step by 10 grey levels, then a second clip that jumps by 70: 10 inside, 70 across. A video
     that carries on at the same pace across the boundary reads the same inside and across."""
     clip = lambda start: np.stack([np.full((4, 4, 3), start + 10 * k, np.uint8) for k in range(3)])  # (3, 4, 4, 3)
-    c = runtime.Continuity()
+    c = sample.Continuity()
     c.add("jumps", clip(0))  # 0, 10, 20
     c.add("jumps", clip(90))  # 90, 100, 110: 70 after 20
     assert c.means() == {"within": 10.0, "across": 70.0}
-    smooth = runtime.Continuity()
+    smooth = sample.Continuity()
     smooth.add("v", clip(0))
     smooth.add("v", clip(30))
     smooth.add("w", clip(100))  # "w" has no boundary
@@ -1250,8 +1250,8 @@ def test_a_video_that_breaks_after_probing_is_replaced_with_a_warning(tmp_path):
 
 def test_num_shapes_flag_reaches_the_synthetic_set_only(tmp_path):
     parse = runtime.add_data_args(argparse.ArgumentParser()).parse_args
-    assert runtime.synthetic_options(parse([])) == {}
-    two = data.make_dataset("synthetic", **runtime.synthetic_options(parse(["--num-shapes", "2"])))
+    assert runtime.num_shapes_option(parse([])) == {}
+    two = data.make_dataset("synthetic", **runtime.num_shapes_option(parse(["--num-shapes", "2"])))
     assert len(two.video_params(0)[1]) == 2
     assert len(data.make_dataset("synthetic").video_params(0)[1]) == 1  # the default: one shape per video
     with pytest.raises(data.DataError, match="at least one shape"):
@@ -1611,15 +1611,15 @@ def test_nan_weights_are_never_saved(trained, tmp_path, monkeypatch):
     """The loss is computed before the optimiser step: weights can blow up after a finite loss, on a save step."""
     import train_autoencoder
 
-    real_step, calls = train_autoencoder.optimizer_step, []
+    real_step, calls = torch.optim.AdamW.step, []
 
-    def poisoned_step(loss, opt, scaler, lr):  # finite losses, then NaN weights after the step of the save
-        real_step(loss, opt, scaler, lr)
-        calls.append(lr)
+    def poisoned_step(opt, *args, **kwargs):  # finite losses, then NaN weights after the step of the save
+        real_step(opt, *args, **kwargs)
+        calls.append(opt)
         if len(calls) == poison_at:
             with torch.no_grad():
                 opt.param_groups[0]["params"][0].fill_(float("nan"))
-    monkeypatch.setattr(train_autoencoder, "optimizer_step", poisoned_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
     flags = [*TINY, "--eval-clips", "2", "--num-shapes", "2"]
     poison_at = 2
     with pytest.raises(SystemExit, match="weights became non-finite .* at step 2; .* No checkpoint was written yet"):
@@ -1666,12 +1666,12 @@ def test_resuming_stage_2_with_another_autoencoder_is_refused(trained, tmp_path)
 def test_projected_time_is_said_once_and_names_the_tiny_preset_on_a_cpu():
     said = []
     args = argparse.Namespace(batch_size=2, steps=1000, preset="paper")
-    meter = runtime.Meter(torch.device("cpu"), 0, args, say=said.append)
+    meter = runtime.TrainingMeter(torch.device("cpu"), 0, args, say=said.append)
     for step in range(1, 9):
         meter.project(step)
     assert len(said) == 1 and "more to step 1000" in said[0] and "--preset tiny" in said[0]
     args.preset = "tiny"
-    meter = runtime.Meter(torch.device("cpu"), 0, args, say=said.append)
+    meter = runtime.TrainingMeter(torch.device("cpu"), 0, args, say=said.append)
     for step in range(1, 9):
         meter.project(step)
     assert len(said) == 2 and "--preset tiny" not in said[1]

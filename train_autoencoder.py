@@ -13,34 +13,30 @@ import torch
 
 import data
 import pvdm
-from runtime import (Meter, add_common_args, autocast, batches, begin_training, check_finite, check_fits,
-                     config_changes, fail, float_in, int_in, learning_rate, learning_rate_value, load_checkpoint,
-                     load_states, log, mean_over_ranks, new_scaler, non_negative_int, optimizer_step, positive_int,
-                     prepare_out, run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown,
-                     trained_num_shapes, wrap_ddp)
+import runtime
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
+    runtime.add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
-    p.add_argument("--latent-channels", type=int_in(1, 256),
+    p.add_argument("--latent-channels", type=runtime.int_in(1, 256),
                    help="channels C of each latent plane (default: the preset's)")
-    p.add_argument("--lr", type=learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--betas", type=float_in(0, 1, open_high=True), nargs=2, default=(0.9, 0.99),
+    p.add_argument("--lr", type=runtime.learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--betas", type=runtime.float_in(0, 1, open_high=True), nargs=2, default=(0.9, 0.99),
                    help="AdamW betas; paper (0.5, 0.9)")
     # The paper trains with L1 (+ LPIPS). On sparse moving content L1 pulls the model to the "background
     # only" solution, which L2 escapes, so L2 is the default here; --l1-weight 1 --l2-weight 0 follows the paper.
-    p.add_argument("--l1-weight", type=float_in(0), default=0.0, help="weight of the L1 pixel loss")
-    p.add_argument("--l2-weight", type=float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
-    p.add_argument("--latent-noise", type=float_in(0),
+    p.add_argument("--l1-weight", type=runtime.float_in(0), default=0.0, help="weight of the L1 pixel loss")
+    p.add_argument("--l2-weight", type=runtime.float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
+    p.add_argument("--latent-noise", type=runtime.float_in(0),
                    help="std of Gaussian noise added to the latent planes the decoder learns from, so that it "
                         "learns to decode stage 2's inexact samples (default 0: off)")
-    p.add_argument("--gan-start", type=non_negative_int,
+    p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
-    p.add_argument("--gan-weight", type=float_in(0), help="weight of the adversarial loss (default 0.1)")
-    p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR at each save")
+    p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the adversarial loss (default 0.1)")
+    p.add_argument("--eval-clips", type=runtime.positive_int, default=32, help="held-out clips for PSNR at each save")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
     if args.gan_weight is not None and args.gan_start is None:
@@ -64,7 +60,7 @@ def model_config(args):
 
 
 def sized_step(cfg, batch):
-    """The model and its loss on `batch` clips of noise: what check_fits sizes up, on fake tensors."""
+    """The model and its loss on `batch` clips of noise: what runtime.check_fits sizes up, on fake tensors."""
     model = pvdm.ProjectedAutoencoder(cfg)
     return model, model(torch.randn(batch, 3, cfg.frames, cfg.resolution, cfg.resolution))[0]
 
@@ -73,7 +69,7 @@ def sized_step(cfg, batch):
 def held_out_psnr(model, clips, device, precision):
     """Held-out reconstruction PSNR, plus the reconstructions for the preview."""
     model.eval()
-    with autocast(device, precision):
+    with runtime.autocast(device, precision):
         recon = torch.cat([model.decode(model.encode(x.to(device))) for x in clips.split(8)])
     model.train()
     return pvdm.psnr(recon.float().cpu(), clips), recon.float().cpu()
@@ -89,8 +85,9 @@ def save_preview(out, step, real, recon):
 def main(argv=None):
     args = parse_args(argv)
     cfg = model_config(args)
-    rank, world, device = setup(args)
-    ckpt_path = prepare_out(args, "autoencoder.pt", rank, world)  # locked; a trained checkpoint is never overwritten
+    rank, world, device = runtime.init_process(args)
+    # locked; a trained checkpoint is never overwritten
+    ckpt_path = runtime.prepare_out(args, "autoencoder.pt", rank, world)
 
     # model, discriminator and optimisers; on resume everything comes back from the checkpoint
     model = pvdm.ProjectedAutoencoder(cfg).to(device)
@@ -99,70 +96,81 @@ def main(argv=None):
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=tuple(args.betas)) if disc else None
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "autoencoder", resume=True)
-        differs = config_changes(ckpt["config"], cfg)
+        ckpt = runtime.load_checkpoint(ckpt_path, "autoencoder", resume=True)
+        differs = runtime.config_changes(ckpt["config"], cfg)
         if differs:
-            fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume with the "
-                 "same flags.", world > 1)
+            runtime.fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume "
+                         "with the same flags.", world > 1)
         if "disc" in ckpt and not disc:  # resuming without it would drop the discriminator and its optimiser
             gan_start = ckpt.get("args", {}).get("gan_start")
-            fail(f"{ckpt_path} holds a discriminator and its optimiser; resume with --gan-start {gan_start} to keep "
-                 "them.", world > 1)
-        load_states(ckpt_path, ckpt, model=model, optimizer=opt)
+            runtime.fail(f"{ckpt_path} holds a discriminator and its optimiser; resume with --gan-start {gan_start} "
+                         "to keep them.", world > 1)
+        runtime.load_states(ckpt_path, ckpt, model=model, optimizer=opt)
         if disc and "disc" in ckpt:
-            load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
+            runtime.load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
         step = ckpt["step"]
-    ddp, ddp_disc = wrap_ddp(model, device, world), disc and wrap_ddp(disc, device, world)
-    scaler, disc_scaler = (new_scaler(device, args, ckpt.get(key) if args.resume else None)  # loss scaling, fp16 only
+    ddp, ddp_disc = runtime.wrap_ddp(model, device, world), disc and runtime.wrap_ddp(disc, device, world)
+    # loss scaling, fp16 only
+    scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None)
                            for key in ("scaler", "disc_scaler"))
     n_params = sum(p.numel() for p in model.parameters())
-    log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "
-        f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
+    runtime.log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "
+                f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
 
     # data: training clips, and a fixed set of held-out clips for PSNR and previews
     data_args = dict(resolution=cfg.resolution, frames=cfg.frames, frame_stride=args.frame_stride, seed=args.seed,
-                     **synthetic_options(args))
+                     **runtime.num_shapes_option(args))
     try:
         train_set = data.make_dataset(args.data, args.data_dir, split=args.split, **data_args)
         held_out = data.make_dataset(args.data, args.data_dir, split="test", **data_args)
     except data.DataError as e:
-        fail(str(e), world > 1)
+        runtime.fail(str(e), world > 1)
     num_shapes = getattr(train_set, "num_shapes", None)  # synthetic data: recorded for stage 2 and for resuming
-    trained = trained_num_shapes(ckpt) if args.resume else None
+    trained = runtime.trained_num_shapes(ckpt) if args.resume else None
     if None not in (trained, num_shapes) and trained != num_shapes:
-        fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
-             f"--num-shapes {trained}.", world > 1)
-    say_if_done(rank, args, ckpt_path, step)
+        runtime.fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
+                     f"--num-shapes {trained}.", world > 1)
+    runtime.say_if_done(rank, args, ckpt_path, step)
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
-    stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
+    stream = runtime.batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
-    stop_if_interrupted = begin_training(args, ckpt_path, rank)  # --start-over sets the old checkpoint aside now
-    meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
+    runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
+    # --start-over sets the old checkpoint aside now
+    stop_if_interrupted = runtime.begin_training(args, ckpt_path, rank)
+    meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
     while step < args.steps:
-        stop_if_interrupted()  # Ctrl-C ends the run in one line (see begin_training)
+        stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
         x = next(stream).to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
-        with autocast(device, args.precision):
+        with runtime.autocast(device, args.precision):
             loss, x_hat = ddp(x)
             gan_on = disc is not None and step >= args.gan_start
             if gan_on:
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
-        lr = learning_rate(step, args)
-        optimizer_step(loss, opt, scaler, lr)
-        if gan_on:  # the discriminator's own step, on detached reconstructions
-            with autocast(device, args.precision):
+        lr = runtime.learning_rate(step, args)  # warm-up, then cosine (or constant)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
+        scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
+        scaler.update()
+        if gan_on:  # the discriminator's own step, on detached reconstructions, at the constant --lr
+            with runtime.autocast(device, args.precision):
                 d_loss = pvdm.hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
-            optimizer_step(d_loss, disc_opt, disc_scaler, args.lr)  # at a constant rate
+            disc_opt.zero_grad(set_to_none=True)
+            disc_scaler.scale(d_loss).backward()
+            disc_scaler.step(disc_opt)
+            disc_scaler.update()
         step += 1
 
-        loss_value = mean_over_ranks(loss, world)
+        loss_value = runtime.mean_over_ranks(loss, world)
         saving = step % args.save_every == 0 or step == args.steps
-        check_finite(loss_value, step, ckpt_path, [m for m in (model, disc) if saving and m is not None])
+        runtime.check_finite(loss_value, step, ckpt_path, [m for m in (model, disc) if saving and m is not None])
         meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
-            gan = f" | d_loss {mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
-            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f}{gan} | lr {lr:.2e} | {meter.line(step)}")
+            gan = f" | d_loss {runtime.mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
+            runtime.log(rank, args.out,
+                        f"step {step:6d} | loss {loss_value:.4f}{gan} | lr {lr:.2e} | {meter.line(step)}")
         if rank == 0 and saving:
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
@@ -171,13 +179,14 @@ def main(argv=None):
                     "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict()}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-            save_checkpoint(ckpt, ckpt_path)  # refuses NaN or inf weights: a good checkpoint is never replaced by them
+            # refuses NaN or inf weights: a good checkpoint is never replaced by them
+            runtime.save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, eval_clips, recon)
-            log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
-                f"saved {ckpt_path}")
-    teardown(world)
+            runtime.log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
+                        f"saved {ckpt_path}")
+    runtime.teardown(world)
     return model
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runtime.run_cleanly(main)

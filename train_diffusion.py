@@ -16,37 +16,34 @@ import torch.distributed as dist
 
 import data
 import pvdm
-from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, begin_training,
-                     check_finite, check_fits, check_same_autoencoder, config_changes, fail, float_in, learning_rate,
-                     learning_rate_value, load_checkpoint, load_file, load_states, log, mean_over_ranks, new_scaler,
-                     non_negative_int, optimizer_step, positive_int, prepare_out, probability, rebuilt, restore_rng,
-                     rng_states, run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown,
-                     trained_num_shapes, wrap_ddp)
+import runtime
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
+    runtime.add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
-    p.add_argument("--lr", type=learning_rate_value, default=2e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--cond-prob", type=probability, default=0.7,
+    p.add_argument("--lr", type=runtime.learning_rate_value, default=2e-3, help="the paper uses 1e-4 at its size")
+    p.add_argument("--cond-prob", type=runtime.probability, default=0.7,
                    help="share of samples conditioned on the clip before (the paper: 0.3 on UCF-101, 0.2 on Sky)")
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="what the UNet predicts: the noise eps (the paper; default for the paper preset) or v "
                         "(default for the tiny preset: it learns the clips' layout in far fewer steps)")
-    p.add_argument("--min-snr", type=float_in(0), help="weigh each timestep's loss by min(SNR, gamma) (Min-SNR, Hang "
-                   "et al. 2023; default: 5 on the tiny preset, where samples then keep their speed over 128 frames, "
-                   "0 on the paper preset: its plain MSE)")
-    p.add_argument("--overlap", type=non_negative_int, help="frames each clip shares with the one before "
+    p.add_argument("--min-snr", type=runtime.float_in(0),
+                   help="weigh each timestep's loss by min(SNR, gamma) (Min-SNR, Hang et al. 2023; default: 5 on the "
+                   "tiny preset, where samples then keep their speed over 128 frames, 0 on the paper preset: its plain "
+                   "MSE)")
+    p.add_argument("--overlap", type=runtime.non_negative_int, help="frames each clip shares with the one before "
                    "(pvdm.align_condition; default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
-    p.add_argument("--ema-decay", type=probability, default=0.9999)
+    p.add_argument("--ema-decay", type=runtime.probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
                         "but every epoch sees the same windows")
-    p.add_argument("--cache-videos", type=positive_int, help="encode only the first N videos into the cache")
-    p.add_argument("--preview-frames", type=positive_int, default=32, help="length of the preview video at each save")
-    p.add_argument("--preview-steps", type=positive_int, default=50, help="DDIM steps for the preview")
+    p.add_argument("--cache-videos", type=runtime.positive_int, help="encode only the first N videos into the cache")
+    p.add_argument("--preview-frames", type=runtime.positive_int, default=32,
+                   help="length of the preview video at each save")
+    p.add_argument("--preview-steps", type=runtime.positive_int, default=50, help="DDIM steps for the preview")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
@@ -58,8 +55,8 @@ def parse_args(argv=None):
 
 def load_frozen_autoencoder(args, device):
     """The stage-1 model, frozen, and its checkpoint. Its clip size fixes the data's and the overlap's range."""
-    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
-    autoencoder = autoencoder_from_checkpoint(ckpt, device, args.autoencoder).requires_grad_(False)
+    ckpt = runtime.load_checkpoint(args.autoencoder, "autoencoder")
+    autoencoder = runtime.autoencoder_from_checkpoint(ckpt, device, args.autoencoder).requires_grad_(False)
     cfg = autoencoder.cfg
     for flag, want in (("resolution", cfg.resolution), ("frames", cfg.frames)):
         if getattr(args, flag) not in (None, want):
@@ -78,7 +75,7 @@ def encode_pairs(autoencoder, window, has_prev, overlap, device, precision):
     t = autoencoder.cfg.frames  # T
     starts = [t - overlap if h else t for h in has_prev.tolist()]
     target = torch.stack([w[:, s: s + t] for w, s in zip(window, starts)])  # (B, 3, T, H, W)
-    with autocast(device, precision):
+    with runtime.autocast(device, precision):
         z_prev = pvdm.pack(autoencoder.encode(window[:, :, :t]))
         z = pvdm.pack(autoencoder.encode(target))
     return z_prev.float(), z.float()
@@ -94,31 +91,32 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
               **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
     if rank == 0 and not os.path.exists(path):
         subset = torch.utils.data.Subset(dataset, range(source["videos"]))
-        prev, nxt, flags, progress = [], [], [], Progress(len(subset))
+        prev, nxt, flags, progress = [], [], [], runtime.Progress(len(subset))
         for window, has_prev in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
             progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(subset)} windows", len(window))
         progress.close()
-        save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
-                         "source": source}, path)
+        runtime.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
+                                 "source": source}, path)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's cache
-    cache = load_file(path, "the latent cache", "delete it to re-encode, or pass another --out")
+    cache = runtime.load_file(path, "the latent cache", "delete it to re-encode, or pass another --out")
     if not isinstance(cache, dict) or cache.get("source") != source:
-        fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
-             "re-encode, or pass another --out.", world > 1)
+        runtime.fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
+                     "re-encode, or pass another --out.", world > 1)
     t, h, w = autoencoder.cfg.latent_size
     latents = (source["videos"], autoencoder.cfg.latent_channels, h * w + t * w + t * h)  # (videos, C, N) packed
     shapes = {"prev": latents, "next": latents, "has_prev": latents[:1]}
     if not all(torch.is_tensor(cache.get(k)) and cache[k].shape == shape for k, shape in shapes.items()):
-        fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
-             world > 1)
+        runtime.fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
+                     world > 1)
     return torch.utils.data.TensorDataset(*(cache[k] for k in shapes))
 
 
 def sized_step(ucfg, dcfg, batch):
-    """The model and its loss on `batch` noise latents, half conditioned: what check_fits sizes up, on fake tensors."""
+    """The model and its loss on `batch` noise latents, half conditioned: what runtime.check_fits sizes up, on fake
+    tensors."""
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg)
     z, z_prev = torch.randn(2, batch, ucfg.latent_channels, ucfg.num_tokens)
     return diffusion, diffusion(z, z_prev, torch.arange(batch) % 2 == 0)
@@ -136,8 +134,9 @@ def save_preview(out, step, autoencoder, diffusion, frames, steps):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup(args)
-    ckpt_path = prepare_out(args, "diffusion.pt", rank, world)  # locked; a trained checkpoint is never overwritten
+    rank, world, device = runtime.init_process(args)
+    # locked; a trained checkpoint is never overwritten
+    ckpt_path = runtime.prepare_out(args, "diffusion.pt", rank, world)
 
     # the frozen autoencoder, and the UNet sized for its latent planes
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
@@ -145,7 +144,7 @@ def main(argv=None):
     try:
         ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
-        fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
+        runtime.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
                                 min_snr=args.min_snr)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
@@ -156,71 +155,81 @@ def main(argv=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "diffusion", resume=True)
-        differs = config_changes(ckpt["unet_config"], ucfg) + config_changes(ckpt["diffusion_config"], dcfg)
+        ckpt = runtime.load_checkpoint(ckpt_path, "diffusion", resume=True)
+        differs = (runtime.config_changes(ckpt["unet_config"], ucfg)
+                   + runtime.config_changes(ckpt["diffusion_config"], dcfg))
         if differs:
-            fail(f"{ckpt_path} holds a different UNet or diffusion config ({'; '.join(differs)}); resume with its "
-                 "flags, or start a new --out (sample.py still reads it).", world > 1)
-        check_same_autoencoder(ckpt_path, ckpt["autoencoder"], autoencoder, args.autoencoder)  # its latents only
-        load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
+            runtime.fail(f"{ckpt_path} holds a different UNet or diffusion config ({'; '.join(differs)}); resume with "
+                         "its flags, or start a new --out (sample.py still reads it).", world > 1)
+        # its latents only
+        runtime.check_same_autoencoder(ckpt_path, ckpt["autoencoder"], autoencoder, args.autoencoder)
+        runtime.load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
         step = ckpt["step"]
-        rebuilt(ckpt_path, lambda: restore_rng(ckpt.get("rng"), rank, device))  # the noise of a run that never stopped
-    ddp = wrap_ddp(diffusion, device, world)
-    scaler = new_scaler(device, args, ckpt.get("scaler") if args.resume else None)  # loss scaling, fp16 only
+        # the noise of a run that never stopped
+        runtime.rebuilt(ckpt_path, lambda: runtime.restore_rng(ckpt.get("rng"), rank, device))
+    ddp = runtime.wrap_ddp(diffusion, device, world)
+    scaler = runtime.new_scaler(device, args, ckpt.get("scaler") if args.resume else None)  # loss scaling, fp16 only
     n_params = sum(p.numel() for p in unet.parameters())
-    log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
-        f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
+    runtime.log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
+                f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
 
     # data: windows of two clips (previous, target), encoded on the fly or once into a cache
     # (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says otherwise)
-    trained = trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
+    trained = runtime.trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
     try:
         dataset = data.make_dataset(args.data, args.data_dir, resolution=autoencoder.cfg.resolution,
                                     frames=autoencoder.cfg.frames, split=args.split, frame_stride=args.frame_stride,
-                                    pairs=True, seed=args.seed, **synthetic_options(args, trained))
+                                    pairs=True, seed=args.seed, **runtime.num_shapes_option(args, trained))
     except data.DataError as e:
-        fail(str(e), world > 1)
+        runtime.fail(str(e), world > 1)
     if args.latent_cache:
         dataset = latent_cache(args, autoencoder, dataset, rank, world, device)
-    stream = batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
+    stream = runtime.batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    say_if_done(rank, args, ckpt_path, step)
-    check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))  # the paper preset: is there memory?
-    stop_if_interrupted = begin_training(args, ckpt_path, rank)  # --start-over sets the old checkpoint aside now
-    meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
+    runtime.say_if_done(rank, args, ckpt_path, step)
+    # the paper preset: is there memory?
+    runtime.check_fits(args, device, world, lambda batch: sized_step(ucfg, dcfg, batch))
+    # --start-over sets the old checkpoint aside now
+    stop_if_interrupted = runtime.begin_training(args, ckpt_path, rank)
+    meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
     while step < args.steps:
-        stop_if_interrupted()  # Ctrl-C ends the run in one line (see begin_training)
+        stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
         if args.latent_cache:
             z_prev, z, has_prev = (b.to(device) for b in next(stream))
         else:
             window, has_prev = next(stream)
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             has_prev = has_prev.to(device)
-        with autocast(device, args.precision):
+        with runtime.autocast(device, args.precision):
             loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
-        lr = learning_rate(step, args)
-        optimizer_step(loss, opt, scaler, lr)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
+        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
+        scaler.update()
         pvdm.update_ema(ema.model, unet, args.ema_decay, step)
         step += 1
 
-        loss_value = mean_over_ranks(loss, world)
+        loss_value = runtime.mean_over_ranks(loss, world)
         saving = step % args.save_every == 0 or step == args.steps
-        check_finite(loss_value, step, ckpt_path, [unet, ema] if saving else [])  # NaN weights are never saved
-        rng = rng_states(device, world) if saving else None  # gathered from every rank
+        runtime.check_finite(loss_value, step, ckpt_path, [unet, ema] if saving else [])  # NaN weights are never saved
+        rng = runtime.rng_states(device, world) if saving else None  # gathered from every rank
         meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
-            log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | {meter.line(step)}")
+            runtime.log(rank, args.out, f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | {meter.line(step)}")
         if rank == 0 and saving:
             ckpt = {"kind": "diffusion", "unet_config": asdict(ucfg), "diffusion_config": asdict(dcfg),
                     "model": unet.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                     "step": step, "args": vars(args), "autoencoder": ae_record, "rng": rng,
                     "scaler": scaler.state_dict()}
-            save_checkpoint(ckpt, ckpt_path)
+            runtime.save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, autoencoder, ema, args.preview_frames, args.preview_steps)
-            log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
-    teardown(world)
+            runtime.log(rank, args.out, f"step {step:6d} | saved {ckpt_path} and an EMA preview")
+    runtime.teardown(world)
     return ema
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runtime.run_cleanly(main)
