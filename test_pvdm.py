@@ -80,6 +80,16 @@ def tiny_diffusion(ae_cfg, cond_prob=0.3, randomise_output=True, prediction="eps
     return pvdm.GaussianDiffusion(unet, pvdm.DiffusionConfig(cond_prob=cond_prob, prediction=prediction))
 
 
+class Evil:
+    """A hostile pickle: unpickling it would create a file. No loader may ever run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Autoencoder
 # ---------------------------------------------------------------------------------------------
@@ -833,46 +843,6 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert other.returncode != 0 and "is damaged" in other.stderr.splitlines()[-1], other.stderr
 
 
-def test_a_flag_that_refines_another_is_refused_without_it(tmp_path, capsys):
-    """Accepted means used: a flag that only matters with another one is an error on its own, not ignored."""
-    import train_autoencoder
-    import train_diffusion
-
-    for main, flags in ((train_autoencoder.parse_args, ["--gan-weight", "0.5"]),
-                        (train_diffusion.parse_args, ["--cache-videos", "8"]),
-                        (evaluate.main, ["fvd", "--fake-dir", str(tmp_path), "--window", "8"])):
-        with pytest.raises(SystemExit) as stop:
-            main(flags)
-        assert "or drop" in capsys.readouterr().err + str(stop.value)  # argparse prints; evaluate.py raises
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--resolution", "30"], "not divisible by the patch size"),
-    (["--frames", "1"], "frames must be at least 2"),
-])
-def test_autoencoder_script_refuses_bad_sizes(flags, message, tmp_path):
-    result = run("train_autoencoder.py", "--steps", "1", "--out", str(tmp_path), *flags, check=False)
-    assert result.returncode != 0 and message in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_diffusion_script_refuses_missing_or_wrong_autoencoder(trained, tmp_path):
-    _, dm_dir = trained
-    missing = run("train_diffusion.py", "--autoencoder", str(tmp_path / "nope.pt"), "--out", str(tmp_path), check=False)
-    assert missing.returncode != 0 and "no autoencoder checkpoint" in missing.stderr
-    wrong = run("train_diffusion.py", "--autoencoder", str(dm_dir / "diffusion.pt"), "--out", str(tmp_path), check=False)
-    assert wrong.returncode != 0 and "of kind 'diffusion', not 'autoencoder'" in wrong.stderr
-
-
-@pytest.mark.parametrize("overlap, message", [("-1", "-1 is out of range"), ("8", "--overlap 8 must lie in [0, 7], below the clip length")])
-def test_overlap_outside_the_clip_is_refused_in_one_line(trained, tmp_path, overlap, message):
-    ae_dir, _ = trained  # clips of 8 frames: 0..7 shared frames make sense
-    result = run("train_diffusion.py", "--autoencoder", str(ae_dir / "autoencoder.pt"), "--overlap", overlap,
-                 "--out", str(tmp_path), check=False)
-    last = result.stderr.strip().splitlines()[-1]  # argparse prints its usage first
-    assert result.returncode != 0 and message in last and "--overlap" in last and "Traceback" not in result.stderr
-
-
 def test_training_pairs_target_the_clip_that_starts_overlap_frames_before_the_first_ends():
     import train_diffusion
 
@@ -1447,22 +1417,14 @@ def test_defaults_after_quick_start(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class Evil:
-    """A hostile pickle: unpickling it would create a file. No loader may ever run it."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, pair):
     """Broken, foreign and hostile files of every kind the scripts read, made once."""
     root = tmp_path_factory.mktemp("bad")
     good = open(pair[1], "rb").read()
     (root / "text.pt").write_text("not a checkpoint\n")
+    (root / "diffusion.pt").write_bytes(good)  # a good checkpoint of the other kind
+    (root / "autoencoder.pt").write_bytes(open(pair[0], "rb").read())
     (root / "empty.pt").write_bytes(b"")
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     (root / "hostile.pt").write_bytes(pickle.dumps(Evil(str(root / "PWNED"))))
@@ -1523,6 +1485,17 @@ BAD_INPUTS = [
     ("train_autoencoder.py --data-dir {bad}", "drop --data-dir or pass --data folder"),
     ("evaluate.py fvd --fake-dir {bad}/1_videos", "FVD needs at least 2 generated videos"),
     ("evaluate.py fvd --fake-dir {bad}/2_videos --cache-dir {bad}/a_file", "is a file, not a folder"),
+    # sizes the models cannot take, the wrong or no autoencoder, overlaps outside the clip
+    ("train_autoencoder.py --resolution 30", "not divisible by the patch size"),
+    ("train_autoencoder.py --frames 1", "frames must be at least 2"),
+    ("train_diffusion.py --autoencoder {out}/nope.pt", "no autoencoder checkpoint"),
+    ("train_diffusion.py --autoencoder {bad}/diffusion.pt", "of kind 'diffusion', not 'autoencoder'"),
+    ("train_diffusion.py --autoencoder {bad}/autoencoder.pt --overlap -1", "argument --overlap: -1 is out of range"),
+    ("train_diffusion.py --autoencoder {bad}/autoencoder.pt --overlap 16", "--overlap 16 must lie in [0, 15]"),
+    # accepted means used: a flag that only matters with another one is refused on its own, not ignored
+    ("train_autoencoder.py --gan-weight 0.5", "or drop"),
+    ("train_diffusion.py --cache-videos 8", "or drop"),
+    ("evaluate.py fvd --fake-dir {out} --window 8", "or drop"),
 ]
 
 
@@ -1893,19 +1866,9 @@ def test_i3d_maps_clips_to_400_logits():
         assert i3d(torch.zeros(2, 3, evaluate.MIN_FRAMES, 224, 224)).shape == (2, 400)
 
 
-class WritesAFile:
-    """A pickle that creates a file when loaded: what a tampered weights file could do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (str(self.path), "w")
-
-
 def test_loader_refuses_a_file_with_the_wrong_hash(tmp_path):
     marker, fake = tmp_path / "pwned", tmp_path / "i3d-kinetics-400.ckpt"
-    fake.write_bytes(pickle.dumps(WritesAFile(marker)))
+    fake.write_bytes(pickle.dumps(Evil(str(marker))))
     with pytest.raises(SystemExit, match="refusing to unpickle .* SHA-256"):
         evaluate.read_i3d_pickle(fake)
     assert not marker.exists()
