@@ -87,12 +87,13 @@ def autocast(device, precision):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def new_scaler(device, args, state=None):
-    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved: its scale and its
-    count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never stopped."""
+def new_scaler(device, args, state=None, path=None):
+    """fp16's loss scaler (a no-op in other precisions), continuing the `state` the checkpoint at `path` saved: its
+    scale and its count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never
+    stopped."""
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if state and scaler.is_enabled():
-        scaler.load_state_dict(state)
+        rebuilt(path, lambda: scaler.load_state_dict(state))
     return scaler
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +362,8 @@ def check_fits(args, device, world, build):
     """The paper preset, before training allocates: the memory one training step needs on this rank, estimated on
     fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
     backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
-    and names the flag that fits, rather than a kernel's kill minutes later. build(batch) -> (model, its loss)."""
+    and names the flag that fits, rather than a kernel's kill minutes later; a CPU that has it hears the cost in one
+    line and trains. build(batch) -> (model, its loss)."""
     if args.preset != "paper":
         return
     kept = {}  # storage -> bytes of every tensor saved for backward
@@ -376,13 +378,16 @@ def check_fits(args, device, world, build):
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
-    if need > free:
-        days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
-        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
-               "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
-                         f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here, but "
-                         f"this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
+    if need <= free and device.type == "cuda":
+        return
+    days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
+    needs = (f"the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
+             f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here")
+    if need <= free:  # a CPU with the memory: it runs, after saying what it costs
+        return print(f"note: {needs}; --preset tiny trains a small model in minutes on a CPU.", file=sys.stderr)
+    fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
+           "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
+    raise SystemExit(f"error: {needs}, but this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
 
 
 def free_ram():

@@ -1729,6 +1729,10 @@ def test_fp16_resume_continues_the_loss_scale(tmp_path):
     whole, resumed = (torch.load(tmp_path / d / "autoencoder.pt", weights_only=True) for d in ("whole", "resumed"))
     assert whole["scaler"]["_growth_tracker"] == 4 and resumed["scaler"] == whole["scaler"]
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    damaged = torch.load(tmp_path / "whole" / "autoencoder.pt", weights_only=True) | {"scaler": {"scale": "x"}}
+    torch.save(damaged, tmp_path / "whole" / "autoencoder.pt")
+    with pytest.raises(SystemExit, match="cannot rebuild a model from"):  # one line, not a traceback
+        train_autoencoder.main([*flags, "--steps", "6", "--out", str(tmp_path / "whole"), "--resume"])
 
 
 def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path):

@@ -111,7 +111,7 @@ def main(argv=None):
         step = ckpt["step"]
     ddp, ddp_disc = runtime.wrap_ddp(model, device, world), disc and runtime.wrap_ddp(disc, device, world)
     # loss scaling, fp16 only
-    scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None)
+    scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None, ckpt_path)
                            for key in ("scaler", "disc_scaler"))
     n_params = sum(p.numel() for p in model.parameters())
     runtime.log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "

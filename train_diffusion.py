@@ -168,7 +168,7 @@ def main(argv=None):
         # the noise of a run that never stopped
         runtime.rebuilt(ckpt_path, lambda: runtime.restore_rng(ckpt.get("rng"), rank, device))
     ddp = runtime.wrap_ddp(diffusion, device, world)
-    scaler = runtime.new_scaler(device, args, ckpt.get("scaler") if args.resume else None)  # loss scaling, fp16 only
+    scaler = runtime.new_scaler(device, args, ckpt.get("scaler") if args.resume else None, ckpt_path)  # fp16 only
     n_params = sum(p.numel() for p in unet.parameters())
     runtime.log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
                 f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
