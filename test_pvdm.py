@@ -609,7 +609,7 @@ def test_ema_tracks_the_model():
 
 
 # ---------------------------------------------------------------------------------------------
-# runtime.py: learning rate, data flags, resumable configs, checkpoints, progress lines, frame change
+# runtime.py: learning rate, data flags, resumable configs, checkpoints, progress lines
 # ---------------------------------------------------------------------------------------------
 
 
@@ -640,29 +640,6 @@ def test_checkpoints_tell_how_many_shapes_their_model_learnt():
     parse = runtime.add_data_args(argparse.ArgumentParser()).parse_args
     assert runtime.num_shapes_option(parse([]), trained=2) == {"num_shapes": 2}
     assert runtime.num_shapes_option(parse(["--num-shapes", "1"]), trained=2) == {"num_shapes": 1}  # the flag wins
-
-
-# -- Writing videos
-
-def test_video_writer_keeps_every_frame_and_pads_odd_sides(tmp_path):
-    frames = np.random.default_rng(0).integers(0, 256, (5, 33, 35, 3), dtype=np.uint8)
-    frames[2] = frames[1]  # an unchanged frame must still count
-    for ext, size in (("mp4", (34, 36)), ("gif", (33, 35))):  # yuv420p needs even sides: padded by one pixel
-        writer = data.VideoWriter(str(tmp_path / f"odd.{ext}"), fps=4)
-        writer.append(frames[:2]), writer.append(frames[2:])  # clip by clip
-        writer.close()
-        assert iio.imread(tmp_path / f"odd.{ext}", plugin="pyav").shape == (5, *size, 3)
-
-
-def test_video_files_stay_close_to_the_frames(tmp_path):
-    """mp4 at crf 12 is near lossless (within a few grey levels: YUV's rounding, not the codec); a gif's per-frame
-    palette holds the few colours of a synthetic clip exactly."""
-    frames = data.to_uint8(make_dataset("synthetic", resolution=32)[0])  # (16, 32, 32, 3)
-    for ext, tolerance in (("mp4", 3), ("gif", 0)):
-        with contextlib.closing(data.VideoWriter(tmp_path / f"clip.{ext}")) as writer:
-            writer.append(frames)
-        back = iio.imread(tmp_path / f"clip.{ext}", plugin="pyav").astype(int)
-        assert back.shape == frames.shape and np.abs(back - frames).mean() <= tolerance, ext
 
 
 def test_resume_compares_configs_but_lets_activation_checkpointing_change():
@@ -716,24 +693,6 @@ def test_progress_rewrites_one_line_on_a_terminal_and_writes_a_few_lines_elsewhe
         else:  # a log file or a pipe: a line every tenth of the work (or every 10 s), never one per step
             lines = text.splitlines()
             assert "\r" not in text and 10 <= len(lines) <= 12 and lines[-1].startswith("step 400/400 |")
-
-
-def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
-    """Frames that step by 10 grey levels, then a second clip that jumps by 70: 10 inside, 70 across. A video
-    that carries on at the same pace across the boundary reads the same inside and across."""
-    clip = lambda start: np.stack([np.full((4, 4, 3), start + 10 * k, np.uint8) for k in range(3)])  # (3, 4, 4, 3)
-    c = sample.Continuity()
-    c.add("jumps", clip(0))  # 0, 10, 20
-    c.add("jumps", clip(90))  # 90, 100, 110: 70 after 20
-    assert c.means() == {"within": 10.0, "across": 70.0}
-    smooth = sample.Continuity()
-    smooth.add("v", clip(0))
-    smooth.add("v", clip(30))
-    smooth.add("w", clip(100))  # "w" has no boundary
-    assert smooth.means() == {"within": 10.0, "across": 10.0}
-    smooth.forget(["v"])  # a finished video: its next "clip" starts a new video, with no boundary to count
-    smooth.add("v", clip(200))
-    assert smooth.counts["across"] == 1 and not smooth.last.keys() - {"v", "w"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1170,6 +1129,29 @@ def test_empty_folder_names_the_layout(tmp_path):
         data.make_dataset("folder", tmp_path)
 
 
+# -- Writing videos
+
+def test_video_writer_keeps_every_frame_and_pads_odd_sides(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 33, 35, 3), dtype=np.uint8)
+    frames[2] = frames[1]  # an unchanged frame must still count
+    for ext, size in (("mp4", (34, 36)), ("gif", (33, 35))):  # yuv420p needs even sides: padded by one pixel
+        writer = data.VideoWriter(str(tmp_path / f"odd.{ext}"), fps=4)
+        writer.append(frames[:2]), writer.append(frames[2:])  # clip by clip
+        writer.close()
+        assert iio.imread(tmp_path / f"odd.{ext}", plugin="pyav").shape == (5, *size, 3)
+
+
+def test_video_files_stay_close_to_the_frames(tmp_path):
+    """mp4 at crf 12 is near lossless (within a few grey levels: YUV's rounding, not the codec); a gif's per-frame
+    palette holds the few colours of a synthetic clip exactly."""
+    frames = data.to_uint8(make_dataset("synthetic", resolution=32)[0])  # (16, 32, 32, 3)
+    for ext, tolerance in (("mp4", 3), ("gif", 0)):
+        with contextlib.closing(data.VideoWriter(tmp_path / f"clip.{ext}")) as writer:
+            writer.append(frames)
+        back = iio.imread(tmp_path / f"clip.{ext}", plugin="pyav").astype(int)
+        assert back.shape == frames.shape and np.abs(back - frames).mean() <= tolerance, ext
+
+
 # -- Pairs, conversion, cache, flags
 
 def test_pairs_mark_videos_too_short_for_two_clips(tmp_path):
@@ -1239,8 +1221,26 @@ def test_frame_stride_skips_frames(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# sample.py: long videos, files, determinism
+# sample.py: long videos, files, determinism, frame change
 # ---------------------------------------------------------------------------------------------
+
+
+def test_continuity_separates_changes_inside_clips_from_jumps_between_them():
+    """Frames that step by 10 grey levels, then a second clip that jumps by 70: 10 inside, 70 across. A video
+    that carries on at the same pace across the boundary reads the same inside and across."""
+    clip = lambda start: np.stack([np.full((4, 4, 3), start + 10 * k, np.uint8) for k in range(3)])  # (3, 4, 4, 3)
+    c = sample.Continuity()
+    c.add("jumps", clip(0))  # 0, 10, 20
+    c.add("jumps", clip(90))  # 90, 100, 110: 70 after 20
+    assert c.means() == {"within": 10.0, "across": 70.0}
+    smooth = sample.Continuity()
+    smooth.add("v", clip(0))
+    smooth.add("v", clip(30))
+    smooth.add("w", clip(100))  # "w" has no boundary
+    assert smooth.means() == {"within": 10.0, "across": 10.0}
+    smooth.forget(["v"])  # a finished video: its next "clip" starts a new video, with no boundary to count
+    smooth.add("v", clip(200))
+    assert smooth.counts["across"] == 1 and not smooth.last.keys() - {"v", "w"}
 
 
 AE = dict(resolution=32, frames=16, patch=8, dim=16, depth=1, heads=2, proj_depth=1)  # latent planes 4x4, 16x4, 16x4
@@ -1377,27 +1377,6 @@ def test_mismatched_pair_is_refused(pair, tmp_path):
         run_sampler(pair, tmp_path / "out", "--autoencoder", other_ae)
     with pytest.raises(SystemExit, match="no autoencoder at"):
         run_sampler(pair, tmp_path / "out", "--autoencoder", str(tmp_path / "missing.pt"))
-
-
-def test_teaching_pictures_show_each_noise_level_and_step_count(tmp_path, capsys):
-    """The noising picture: a row per timestep, and the frames decoded from z_t move further from the clean
-    row as t grows. The steps table: one timed row per step count with the shape figures (one-shape synthetic
-    data), in the JSON beside the picture."""
-    ae_path, diff_path = save_pair(tmp_path)
-    runtime.save_checkpoint(runtime.load_checkpoint(ae_path, "autoencoder") | {"num_shapes": 1}, ae_path)
-    evaluate.main(["noising", "--autoencoder", ae_path, "--out", str(tmp_path / "noising.png")])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("row")]
-    assert len(lines) == len(evaluate.NOISE_LEVELS) and lines[-1].endswith("z_t = 0.012 z_0 + 1.000 eps")
-    picture = iio.imread(tmp_path / "noising.png").astype(np.float32)
-    rows = picture.reshape(len(lines), -1, *picture.shape[1:])[:, :, :picture.shape[1] // 2]  # frames' side
-    distance = [np.abs(row - rows[0]).mean() for row in rows]
-    assert 0 < distance[1] < distance[3] < distance[-1]
-    evaluate.main(["steps", "--diffusion", diff_path, "--steps", "1", "4", "--num-videos", "2",
-                   "--out", str(tmp_path / "steps.png")])
-    figures = json.load(open(tmp_path / "steps.json"))["steps"]
-    assert list(figures) == ["1", "4"] and all(f["seconds_per_clip"] > 0 and "colour_change" in f
-                                               for f in figures.values())
-    assert iio.imread(tmp_path / "steps.png").shape[0] > 2 * 2 * 32  # two rows of 2x-scaled 32-pixel frames
 
 
 def test_defaults_after_quick_start(tmp_path):
@@ -1683,8 +1662,8 @@ def test_a_malformed_probe_cache_is_probed_again(tmp_path):
     assert len(build("folder", tmp_path / "v")[0]) == 1
 
 
-# -- Faults, round 3 (issue 21): nothing set aside before the inputs are checked, every state kept on resume, only
-#    the project's own leftovers removed, Ctrl-C and special files answered in one line
+# -- Start-over, resume, leftovers, Ctrl-C and special files: nothing set aside before the inputs are checked, every
+#    state kept on resume, only the project's own leftovers removed, one line for each
 
 def test_start_over_checks_every_input_before_setting_the_checkpoint_aside(trained, tmp_path):
     import train_autoencoder
@@ -2066,6 +2045,29 @@ def test_fidelity_command_gives_fvd_per_window(saved_autoencoder, i3d_cache, tmp
     fvds = json.loads((tmp_path / "s" / "fidelity.json").read_text())["fvd"]
     assert set(fvds) == {"real", "reconstructions", "samples"} and set(fvds["samples"]) == {"1-16", "17-32"}
     assert "FVD16 frames 17-32" in capsys.readouterr().out
+
+
+# -- Teaching pictures
+
+def test_teaching_pictures_show_each_noise_level_and_step_count(tmp_path, capsys):
+    """The noising picture: a row per timestep, and the frames decoded from z_t move further from the clean
+    row as t grows. The steps table: one timed row per step count with the shape figures (one-shape synthetic
+    data), in the JSON beside the picture."""
+    ae_path, diff_path = save_pair(tmp_path)
+    runtime.save_checkpoint(runtime.load_checkpoint(ae_path, "autoencoder") | {"num_shapes": 1}, ae_path)
+    evaluate.main(["noising", "--autoencoder", ae_path, "--out", str(tmp_path / "noising.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("row")]
+    assert len(lines) == len(evaluate.NOISE_LEVELS) and lines[-1].endswith("z_t = 0.012 z_0 + 1.000 eps")
+    picture = iio.imread(tmp_path / "noising.png").astype(np.float32)
+    rows = picture.reshape(len(lines), -1, *picture.shape[1:])[:, :, :picture.shape[1] // 2]  # frames' side
+    distance = [np.abs(row - rows[0]).mean() for row in rows]
+    assert 0 < distance[1] < distance[3] < distance[-1]
+    evaluate.main(["steps", "--diffusion", diff_path, "--steps", "1", "4", "--num-videos", "2",
+                   "--out", str(tmp_path / "steps.png")])
+    figures = json.load(open(tmp_path / "steps.json"))["steps"]
+    assert list(figures) == ["1", "4"] and all(f["seconds_per_clip"] > 0 and "colour_change" in f
+                                               for f in figures.values())
+    assert iio.imread(tmp_path / "steps.png").shape[0] > 2 * 2 * 32  # two rows of 2x-scaled 32-pixel frames
 
 
 # ---------------------------------------------------------------------------------------------
