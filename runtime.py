@@ -1,9 +1,9 @@
 """
 The run plumbing the scripts share, so each script stays one linear story. A module, not a script.
 
-Read the first part: set-up (device, DDP, precision), batches and the learning rate, logging and progress,
-checkpoints. A first reading can stop at the line that says so; what follows it keeps runs safe (flag checks,
-memory and NaN checks, exact resumption, safe loading, the output folder's lock) and can be skipped.
+Read the first part: set-up (device, DDP, precision), batches and the learning rate, logging, checkpoints. A first
+reading can stop at the line that says so; what follows it keeps runs safe (flag checks, memory and NaN checks,
+exact resumption, safe loading, progress lines, the output folder's lock) and can be skipped.
 """
 import argparse
 import atexit
@@ -248,7 +248,7 @@ def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
 
 
 # ==============================================================================================
-# A first reading can stop here. What follows keeps runs safe; the scripts work the same without reading it.
+# A first reading can stop here. What follows keeps runs safe and changes nothing a model learns.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
