@@ -72,11 +72,11 @@ def load_frozen_autoencoder(args, device):
 def encode_pairs(autoencoder, window, has_prev, overlap, device, precision):
     """A (B, 3, 2T, H, W) window -> packed latents (B, C, N) of its first clip and of the clip after it, which
     starts `overlap` frames before the first ends (a window without a previous clip repeats its clip: target it)."""
-    t = autoencoder.cfg.frames  # T
-    starts = [t - overlap if h else t for h in has_prev.tolist()]
-    target = torch.stack([w[:, s: s + t] for w, s in zip(window, starts)])  # (B, 3, T, H, W)
+    T = autoencoder.cfg.frames
+    starts = [T - overlap if h else T for h in has_prev.tolist()]
+    target = torch.stack([w[:, s: s + T] for w, s in zip(window, starts)])  # (B, 3, T, H, W)
     with runtime.autocast(device, precision):
-        z_prev = pvdm.pack(autoencoder.encode(window[:, :, :t]))
+        z_prev = pvdm.pack(autoencoder.encode(window[:, :, :T]))
         z = pvdm.pack(autoencoder.encode(target))
     return z_prev.float(), z.float()
 
@@ -105,8 +105,8 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     if not isinstance(cache, dict) or cache.get("source") != source:
         runtime.fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
                      "re-encode, or pass another --out.", world > 1)
-    t, h, w = autoencoder.cfg.latent_size
-    latents = (source["videos"], autoencoder.cfg.latent_channels, h * w + t * w + t * h)  # (videos, C, N) packed
+    T, h, w = autoencoder.cfg.latent_size
+    latents = (source["videos"], autoencoder.cfg.latent_channels, h * w + T * w + T * h)  # (videos, C, N) packed
     shapes = {"prev": latents, "next": latents, "has_prev": latents[:1]}
     if not all(torch.is_tensor(cache.get(k)) and cache[k].shape == shape for k, shape in shapes.items()):
         runtime.fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
