@@ -123,6 +123,9 @@ def main(argv=None):
              f"--num-shapes {trained}.", world > 1)
     say_if_done(rank, args, ckpt_path, step)
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
+    # the bar to clear: the best naive code (averages on a coarser grid) of no more values than the latent
+    naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
+    naive = f"best naive code of <= {cfg.latent_values} values, a {'x'.join(map(str, naive_size))} grid: {naive_psnr:.2f} dB"
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
@@ -158,7 +161,7 @@ def main(argv=None):
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
             save_checkpoint(ckpt, ckpt_path)  # refuses NaN or inf weights: a good checkpoint is never replaced by them
             save_preview(args.out, step, eval_clips, recon)
-            log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
+            log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips ({naive}) | "
                 f"saved {ckpt_path}")
     teardown(world)
     return model
