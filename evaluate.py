@@ -663,7 +663,8 @@ def run_continuation(args):
                    "jump_real": jump(real_next[:, :, 0], real_prev)}
         figures |= {name: torch.tensor([pvdm.psnr(v[i:i + 1, :, :args.new_frames], real_next[i:i + 1])
                                         for i in range(len(window))])
-                    for name, v in (("psnr", given), ("psnr_unconditional", alone), ("psnr_true_latent", ideal))}
+                    for name, v in (("psnr", given), ("psnr_unconditional", alone), ("psnr_true_latent", ideal),
+                                    ("psnr_copy_last", real_prev[:, :, None].expand_as(real_next)))}
         for name, values in figures.items():
             sums[name] = sums.get(name, 0.0) + values.sum().item()
         n += len(window)
@@ -676,7 +677,8 @@ def run_continuation(args):
     print(f"teacher-forced continuation of {n} real {args.split} clips: jump at the join {result['jump']:.1f} grey "
           f"levels (real videos {result['jump_real']:.1f}; the true next latent decoded {result['jump_true_latent']:.1f}); "
           f"PSNR of the first {args.new_frames} new frames {result['psnr']:.2f} dB (unconditional samples "
-          f"{result['psnr_unconditional']:.2f} dB; the true next latent decoded {result['psnr_true_latent']:.2f} dB)")
+          f"{result['psnr_unconditional']:.2f} dB; the true next latent decoded {result['psnr_true_latent']:.2f} dB; "
+          f"the last real frame copied {result['psnr_copy_last']:.2f} dB)")
     args.json = args.json or os.path.join(os.path.dirname(args.diffusion), "continuation.json")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

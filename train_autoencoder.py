@@ -13,10 +13,16 @@ import torch
 
 import data
 import pvdm
-from runtime import (Meter, add_common_args, autocast, batches, check_finite, config_changes, fail, float_in, int_in,
-                     learning_rate, learning_rate_value, load_checkpoint, load_states, log, mean_over_ranks,
-                     non_negative_int, optimizer_step, positive_int, prepare_out, run_main, save_checkpoint,
-                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+from runtime import (LAPTOP_DATA, Meter, add_common_args, autocast, batches, check_finite, config_changes, fail,
+                     float_in, int_in, learning_rate, learning_rate_value, load_checkpoint, load_states, log,
+                     mean_over_ranks, non_negative_int, optimizer_step, parse_for_data, positive_int, prepare_out,
+                     run_main, save_checkpoint, say_if_done, setup, synthetic_options, teardown, trained_num_shapes,
+                     wrap_ddp)
+
+
+# The footage quick start's settings (README), measured against others at equal steps; the frames sit in memory,
+# so worker processes would only add start-up time at every epoch.
+DATA_DEFAULTS = {"footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0)}
 
 
 def parse_args(argv=None):
@@ -24,6 +30,7 @@ def parse_args(argv=None):
     add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
+    p.add_argument("--patch", type=int_in(1, 64), help="side p of the patches each token covers (default: the preset's)")
     p.add_argument("--latent-channels", type=int_in(1, 256),
                    help="channels C of each latent plane (default: the preset's)")
     p.add_argument("--lr", type=learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
@@ -39,9 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--gan-start", type=non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
     p.add_argument("--gan-weight", type=float_in(0), help="weight of the adversarial loss (default 0.1)")
+    p.add_argument("--augment", action="store_true",
+                   help="mirror clips left-right and play them backwards, each with probability 1/2: more real-looking "
+                        "clips from a few videos")
     p.add_argument("--eval-clips", type=positive_int, default=32, help="held-out clips for PSNR at each save")
-    args = p.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    args = parse_for_data(p, argv, DATA_DEFAULTS)
+    args.preset = args.preset or ("tiny" if args.data in LAPTOP_DATA else "paper")
     if args.gan_weight is not None and args.gan_start is None:
         p.error("--gan-weight weighs the adversarial loss, which --gan-start switches on; add --gan-start or drop it.")
     args.gan_weight = 0.1 if args.gan_weight is None else args.gan_weight
@@ -53,8 +63,8 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
                grad_checkpointing=args.grad_checkpointing)
-    flags = (("resolution", args.resolution), ("frames", args.frames), ("latent_channels", args.latent_channels),
-             ("latent_noise", args.latent_noise))
+    flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
+             ("latent_channels", args.latent_channels), ("latent_noise", args.latent_noise))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
@@ -70,6 +80,14 @@ def held_out_psnr(model, clips, device, precision):
         recon = torch.cat([model.decode(model.encode(x.to(device))) for x in clips.split(8)])
     model.train()
     return pvdm.psnr(recon.float().cpu(), clips), recon.float().cpu()
+
+
+def augment(x, seed, step):
+    """Each clip of x (B, 3, T, H, W) mirrored left-right, played backwards, both or neither. Drawn from (seed, step),
+    so a resumed run sees the same clips."""
+    flip, reverse = torch.rand(2, len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < 0.5
+    x = torch.where(flip[:, None, None, None, None], x.flip(4), x)
+    return torch.where(reverse[:, None, None, None, None], x.flip(2), x)
 
 
 def save_preview(out, step, real, recon):
@@ -130,7 +148,10 @@ def main(argv=None):
 
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
     while step < args.steps:
-        x = next(stream).to(device, non_blocking=True)
+        x = next(stream)
+        if args.augment:
+            x = augment(x, args.seed, step)
+        x = x.to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
         with autocast(device, args.precision):
             loss, x_hat = ddp(x)

@@ -16,11 +16,17 @@ import torch.distributed as dist
 
 import data
 import pvdm
-from runtime import (Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches, check_finite,
-                     check_same_autoencoder, config_changes, fail, float_in, learning_rate, learning_rate_value,
-                     load_checkpoint, load_file, load_states, log, mean_over_ranks, non_negative_int, optimizer_step,
-                     positive_int, prepare_out, probability, restore_rng, rng_states, run_main, save_checkpoint,
-                     say_if_done, setup, synthetic_options, teardown, trained_num_shapes, wrap_ddp)
+from runtime import (LAPTOP_DATA, Meter, Progress, add_common_args, autocast, autoencoder_from_checkpoint, batches,
+                     check_finite, check_same_autoencoder, config_changes, fail, float_in, learning_rate,
+                     learning_rate_value, load_checkpoint, load_file, load_states, log, mean_over_ranks,
+                     non_negative_int, optimizer_step, parse_for_data, positive_int, prepare_out, probability,
+                     restore_rng, rng_states, run_main, save_checkpoint, say_if_done, setup, synthetic_options,
+                     teardown, trained_num_shapes, wrap_ddp)
+
+
+# The footage quick start (README): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
+DATA_DEFAULTS = {"footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
+                                 steps=1500, workers=0)}
 
 
 def parse_args(argv=None):
@@ -46,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-videos", type=positive_int, help="encode only the first N videos into the cache")
     p.add_argument("--preview-frames", type=positive_int, default=32, help="length of the preview video at each save")
     p.add_argument("--preview-steps", type=positive_int, default=50, help="DDIM steps for the preview")
-    args = p.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    args = parse_for_data(p, argv, DATA_DEFAULTS)
+    args.preset = args.preset or ("tiny" if args.data in LAPTOP_DATA else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
     args.min_snr = (5.0 if args.preset == "tiny" else 0.0) if args.min_snr is None else args.min_snr
     if args.cache_videos is not None and not args.latent_cache:
