@@ -26,7 +26,7 @@ from runtime import (LAPTOP_DATA, Meter, Progress, add_common_args, autocast, au
 
 # The footage quick start (README): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
 DATA_DEFAULTS = {"footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
-                                 steps=1500, workers=0)}
+                                 steps=1000, workers=0)}
 
 
 def parse_args(argv=None):
