@@ -626,7 +626,8 @@ def run_recon(args):
                 f"PSNR per clip over [-1, 1] (peak-to-peak 2); SSIM per frame (11x11 Gaussian, sigma 1.5)"
                 + ("" if i3d is None else f"; rFVD: {I3D_LINEAGE}"))
     print(f"PSNR {sums['psnr'] / n:.2f} dB, SSIM {sums['ssim'] / n:.4f}{rfvd}; the best naive code of no more values "
-          f"({cfg.latent_values}; area down-sampling to {'x'.join(map(str, best))} (t x h x w), trilinear up-sampling): "
+          f"({cfg.latent_values}; area down-sampling to {'x'.join(map(str, best))} (t x h x w), trilinear "
+          f"up-sampling): "
           f"PSNR {naive_sums[best][0] / n:.2f} dB, SSIM {naive_sums[best][1] / n:.4f} ({protocol})")
 
 

@@ -30,7 +30,8 @@ def parse_args(argv=None):
     add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
-    p.add_argument("--patch", type=int_in(1, 64), help="side p of the patches each token covers (default: the preset's)")
+    p.add_argument("--patch", type=int_in(1, 64),
+                   help="side p of the patches each token covers (default: the preset's)")
     p.add_argument("--latent-channels", type=int_in(1, 256),
                    help="channels C of each latent plane (default: the preset's)")
     p.add_argument("--lr", type=learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
@@ -143,7 +144,8 @@ def main(argv=None):
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     # the bar to clear: the best naive code (averages on a coarser grid) of no more values than the latent
     naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
-    naive = f"best naive code of <= {cfg.latent_values} values, a {'x'.join(map(str, naive_size))} grid: {naive_psnr:.2f} dB"
+    grid = "x".join(map(str, naive_size))
+    naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
     stream = batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     meter = Meter(device, step, args, say=lambda text: log(rank, args.out, text))
