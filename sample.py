@@ -25,7 +25,6 @@ from runtime import (Progress, autocast, check_out_dir, device_name, finite_floa
                      run_cleanly, take_lock)
 
 
-
 class Continuity:
     """How much consecutive frames differ (mean absolute difference, grey levels 0-255), kept apart for pairs
     inside a clip and pairs across a clip boundary. A model that continues its previous clip makes the two
@@ -55,6 +54,7 @@ class Continuity:
     def means(self):
         """{"within": mean change inside clips, "across": mean change at clip boundaries}, None where unseen."""
         return {k: self.sums[k] / self.counts[k] if self.counts[k] else None for k in self.sums}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample long videos from a trained PVDM, clip by clip.")
