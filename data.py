@@ -579,6 +579,9 @@ def write_video(path, video, fps=8):
         writer.append(to_uint8(video))
 
 
+SHEET_PIXELS = 96  # small frames in pictures are upscaled (nearest) to about this many pixels
+
+
 def tile(rows, scale, gap, background):
     """A grid of (H, W, C) images upscaled by `scale` (nearest: small frames stay crisp), `gap` pixels apart."""
     rows = [[image.repeat(scale, axis=0).repeat(scale, axis=1) for image in row] for row in rows]
@@ -590,11 +593,25 @@ def tile(rows, scale, gap, background):
     return grid
 
 
+def join_images(images, gap=4, axis=1):
+    """(H_i, W_i, 3) uint8 images on white, `gap` pixels apart: left to right with tops aligned (axis 1), or top to
+    bottom with left edges aligned (axis 0). For pictures whose parts differ in size, where tile() needs one size."""
+    size = [0, 0]
+    size[1 - axis] = max(image.shape[1 - axis] for image in images)
+    size[axis] = sum(image.shape[axis] for image in images) + gap * (len(images) - 1)
+    out, at = np.full((*size, 3), 255, np.uint8), 0
+    for image in images:
+        h, w = image.shape[:2]
+        out[at * (1 - axis): at * (1 - axis) + h, at * axis: at * axis + w] = image
+        at += image.shape[axis] + gap
+    return out
+
+
 def save_frame_strip(path, rows, scale=None):
     """A PNG contact sheet: one row per video (or clip) (3, T, H, W) in [-1, 1], its T frames left to right,
     upscaled to about 96 pixels so 32x32 frames can be seen. Rows may differ in length."""
     frames = [to_uint8(video) for video in rows]                        # (T, H, W, 3) each
-    iio.imwrite(path, tile(frames, scale or max(1, 96 // frames[0].shape[1]), gap=2, background=255))
+    iio.imwrite(path, tile(frames, scale or max(1, SHEET_PIXELS // frames[0].shape[1]), gap=2, background=255))
 
 
 def save_latent_images(prefix, planes, scale=None):

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import imageio.v3 as iio
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, make_dataset, tile, to_uint8, write_video, DATASETS, SPLITS
+from data import DataError, join_images, make_dataset, tile, to_uint8, write_video, DATASETS, SHEET_PIXELS, SPLITS
 from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
                      load_diffusion, load_file, non_negative_int, num_shapes_option, positive_int, resolve_device,
                      run_cleanly, save_checkpoint, trained_num_shapes)
@@ -550,23 +549,13 @@ def fvd_per_window(i3d, columns, reference, batch_size):
 NOISE_LEVELS = (0, 50, 150, 300, 500, 999)  # timesteps of the noising picture's rows
 
 
-def side_by_side(images, gap=4):
-    """(H_i, W_i, 3) uint8 images left to right on white, tops aligned, `gap` pixels apart."""
-    height, width = max(i.shape[0] for i in images), sum(i.shape[1] for i in images) + gap * (len(images) - 1)
-    out, x = np.full((height, width, 3), 255, np.uint8), 0
-    for image in images:
-        out[:image.shape[0], x:x + image.shape[1]] = image
-        x += image.shape[1] + gap
-    return out
-
-
 def picture_row(video, planes, scale):
     """A clip (3, T, H, W) as every other frame, beside its planes' first channel (clamped to [-1, 1], grey),
     drawn so that z_h's and z_w's T rows span the frames' height."""
     frames = tile([to_uint8(video[:, ::2])], scale, gap=1, background=255)
     grey = lambda p: to_uint8(p[:1].clamp(-1, 1).expand(3, -1, -1)[:, None])[0]  # noqa: E731  (a, b, 3)
     plane_scale = max(1, frames.shape[0] // video.shape[1])
-    return side_by_side([frames] + [tile([[grey(p)]], plane_scale, 0, 255) for p in planes], gap=6)
+    return join_images([frames] + [tile([[grey(p)]], plane_scale, 0, 255) for p in planes], gap=6)
 
 
 @torch.no_grad()
@@ -583,14 +572,14 @@ def run_noising(args):
     z0 = pvdm.pack(autoencoder.encode(x))
     generator = torch.Generator(args.device).manual_seed(args.seed)
     noise = torch.randn(z0.shape, generator=generator, device=args.device)
-    rows, scale = [], max(1, 96 // cfg.resolution)
+    rows, scale = [], max(1, SHEET_PIXELS // cfg.resolution)
     for t in NOISE_LEVELS:
         ab = schedule.alpha_bar[t].item()
         zt = schedule.q_sample(z0, torch.tensor([t], device=args.device), noise)
         planes = [p[0] for p in pvdm.unpack(zt, *cfg.latent_size)]
         rows.append(picture_row(autoencoder.decode([p[None] for p in planes])[0], planes, scale))
         print(f"row {len(rows)}: t = {t:3d}, z_t = {ab ** 0.5:.3f} z_0 + {(1 - ab) ** 0.5:.3f} eps")
-    iio.imwrite(args.out, np.concatenate([np.pad(r, ((0, 6), (0, 0), (0, 0)), constant_values=255) for r in rows]))
+    iio.imwrite(args.out, join_images(rows, gap=6, axis=0))
     print(f"wrote {args.out}: one held-out clip of {args.data} ({args.split} split) noised to each t, decoded, "
           "beside z_s, z_h, z_w (channel 0)")
 
@@ -615,10 +604,10 @@ def run_steps(args):
         figures = group_figures(list(videos), videos.shape[2]) if shapes else {}
         results[steps] = {"seconds_per_clip": round(seconds, 3)} | {k: round(figures[k], 2) for k in STEPS_ROWS
                                                                      if k in figures}
-        rows.append(side_by_side([tile([to_uint8(v[:, ::2])], 2, 1, 255) for v in videos[:2]], gap=8))
+        rows.append(join_images([tile([to_uint8(v[:, ::2])], 2, 1, 255) for v in videos[:2]], gap=8))
         print(f"{steps:4d} steps: {seconds:.2f} s per clip" + "".join(f", {STEPS_ROWS[k]} {results[steps][k]:.2f}"
                                                                    for k in STEPS_ROWS if k in results[steps]))
-    iio.imwrite(args.out, np.concatenate([np.pad(r, ((0, 8), (0, 0), (0, 0)), constant_values=255) for r in rows]))
+    iio.imwrite(args.out, join_images(rows, gap=8, axis=0))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"steps": results, "num_videos": args.num_videos, "seed": args.seed, "diffusion": args.diffusion,
                    "device": args.device}, f, indent=2)

@@ -717,14 +717,14 @@ class AutoencoderConfig:
 
     @property
     def latent_size(self):
-        """(t, h, w): the one place latent sizes are derived from (frames, resolution, patch)."""
+        """(T, h, w): the one place latent sizes are derived from (frames, resolution, patch)."""
         return self.frames, self.resolution // self.patch, self.resolution // self.patch
 
     @property
     def latent_values(self):
-        """Numbers in the latent of one clip: C channels of the planes h x w, t x w and t x h."""
-        t, h, w = self.latent_size
-        return self.latent_channels * (h * w + t * w + t * h)
+        """Numbers in the latent of one clip: C channels of the planes h x w, T x w and T x h."""
+        T, h, w = self.latent_size
+        return self.latent_channels * (h * w + T * w + T * h)
 
 
 @dataclass
@@ -748,7 +748,7 @@ class UNetConfig:
 
     @property
     def num_tokens(self):
-        return self.size * self.size + 2 * self.frames * self.size  # h*w + t*w + t*h
+        return self.size * self.size + 2 * self.frames * self.size  # h*w + T*w + T*h
 
 
 @dataclass

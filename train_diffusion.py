@@ -110,8 +110,8 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     if not isinstance(cache, dict) or cache.get("source") != source:
         runtime.fail(f"{path} was encoded from other data, another --cache-videos or another autoencoder; delete it to "
                      "re-encode, or pass another --out.", world > 1)
-    T, h, w = autoencoder.cfg.latent_size
-    latents = (source["videos"], autoencoder.cfg.latent_channels, h * w + T * w + T * h)  # (videos, C, N) packed
+    C = autoencoder.cfg.latent_channels
+    latents = (source["videos"], C, autoencoder.cfg.latent_values // C)  # (videos, C, N) packed
     shapes = {"prev": latents, "next": latents, "has_prev": latents[:1]}
     if not all(torch.is_tensor(cache.get(k)) and cache[k].shape == shape for k, shape in shapes.items()):
         runtime.fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
