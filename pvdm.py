@@ -529,7 +529,7 @@ class GaussianDiffusion(nn.Module):
         use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,) c
         t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
         noise = torch.randn_like(z0)
-        out = self.model(self.q_sample(z0, t, noise), t, self.align(prev), use_cond)
+        out = self.model(self.q_sample(z0, t, noise), t, self.noisy_condition(self.align(prev)), use_cond)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
@@ -555,6 +555,14 @@ class GaussianDiffusion(nn.Module):
             return z_prev
         m = self.model.cfg
         return align_condition(z_prev, self.cfg.overlap, m.frames, m.size, m.size)
+
+    def noisy_condition(self, cond, generator=None):
+        """The condition as the UNet sees it: with cfg.cond_noise > 0, Gaussian noise of that std added (in training
+        and sampling alike), so the UNet cannot copy fine detail from the clip before and must make each clip itself;
+        a clip's small errors then stop being copied and amplified down a long video."""
+        if not self.cfg.cond_noise:
+            return cond
+        return cond + self.cfg.cond_noise * torch.randn(cond.shape, generator=generator, device=cond.device)
 
     def predict_eps(self, z, t, cond, has_cond):
         """The UNet's output as a noise prediction, whatever it was trained to predict."""
@@ -586,10 +594,11 @@ class GaussianDiffusion(nn.Module):
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
         cond = None if prev is None else self.align(prev)
         shared = shared_rows(self) if cond is not None and self.cfg.overlap else None  # overlapping clips only
+        seen = None if cond is None else self.noisy_condition(cond, generator)  # what the UNet sees, once per clip
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
-            eps = self.guided_eps(z, torch.full((n,), t, device=device), cond, guidance).float()
+            eps = self.guided_eps(z, torch.full((n,), t, device=device), seen, guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
             if shared is not None:
                 z = keep_shared_rows(self, z, cond, shared, t_prev, generator)
@@ -762,12 +771,15 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
     overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
+    cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
         if self.min_snr < 0:
             raise ValueError(f"min_snr must be 0 (off) or positive (got {self.min_snr}).")
+        if self.cond_noise < 0:
+            raise ValueError(f"cond_noise must be 0 (off) or positive (got {self.cond_noise}).")
 
 
 AUTOENCODER_PRESETS = {

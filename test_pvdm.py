@@ -489,6 +489,30 @@ def test_joint_training_conditions_only_where_a_previous_clip_exists():
     assert not seen[1].any()
 
 
+def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_shared_rows_stay_exact():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
+
+        def forward(self, z, t, cond, has_cond):
+            seen.append(cond.clone())
+            return torch.zeros_like(z)
+
+    prev = torch.rand(2, 4, Spy.cfg.num_tokens) * 2 - 1
+    for cond_noise in (0.0, 0.5):
+        seen.clear()
+        diffusion = pvdm.GaussianDiffusion(Spy(), pvdm.DiffusionConfig(cond_prob=1.0, overlap=3, cond_noise=cond_noise))
+        diffusion(prev, prev, torch.ones(2, dtype=torch.bool))
+        z = diffusion.sample(2, prev, steps=3, generator=torch.Generator().manual_seed(0))
+        aligned = diffusion.align(prev)
+        gaps = [(c - aligned).std().item() for c in seen]  # one training call, then three sampling steps
+        assert gaps == pytest.approx([cond_noise] * 4, abs=0.05)
+        assert all(torch.equal(seen[1], c) for c in seen[2:])  # one draw per clip, not one per step
+        shared = pvdm.shared_rows(diffusion)
+        assert torch.equal(torch.where(shared, z, 0), torch.where(shared, aligned, 0))  # kept clean, not noised
+
+
 def test_diffusion_loss_is_finite_and_backpropagates():
     torch.manual_seed(0)
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8))

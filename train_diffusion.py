@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    "MSE)")
     p.add_argument("--overlap", type=runtime.non_negative_int, help="frames each clip shares with the one before "
                    "(pvdm.align_condition; default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
+    p.add_argument("--cond-noise", type=runtime.float_in(0), default=0.0,
+                   help="std of Gaussian noise on the condition the UNet sees, in training and sampling (0: clean)")
     p.add_argument("--ema-decay", type=runtime.probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -151,7 +153,7 @@ def main(argv=None):
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
         runtime.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
-                                min_snr=args.min_snr)
+                                min_snr=args.min_snr, cond_noise=args.cond_noise)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
