@@ -769,8 +769,8 @@ def test_training_scripts_write_self_describing_checkpoints_and_previews(trained
 
 
 def test_adversarial_phase_switches_on_at_gan_start(tmp_path):
-    run_here("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2", "--gan-start", "2",
-        "--out", str(tmp_path))
+    run_here("train_autoencoder.py", *TINY, "--steps", "3", "--save-every", "3", "--eval-clips", "2",
+             "--gan-start", "2", "--out", str(tmp_path))
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert "d_loss" not in next(line for line in lines if line.startswith("step      1 |"))
     assert "d_loss" in next(line for line in lines if line.startswith("step      3 | loss"))
@@ -1807,7 +1807,8 @@ def test_only_this_projects_own_leftovers_of_this_host_are_removed(tmp_path):
         (tmp_path / name).write_text("x")
     lock = tmp_path / "run.lock"
     for text, message in ((f"pvdm run {dead.pid}@elsewhere", f"another run \\(pid {dead.pid} on host elsewhere\\)"),
-                          ("9" * 40, "not a lock this project wrote"), ("\u0661\u0662", "not a lock this project wrote")):
+                          ("9" * 40, "not a lock this project wrote"),
+                          ("\u0661\u0662", "not a lock this project wrote")):
         lock.write_text(text)
         os.utime(lock, (0, 0))  # old: not one being written just now
         with pytest.raises(SystemExit, match=message):
