@@ -200,8 +200,9 @@ def count_parameters(build):
 
 def matched_pixel_config(unet_cfg, resolution, frames):
     """The baseline with the triplane UNet's layout, spatial attention at its two lowest resolutions
-    (as VDM), and the width (a multiple of 32, for GroupNorm's 32 groups) that brings its parameter count closest to the triplane's.
-    Parameters grow as width squared, so one count gives the width; its neighbours are checked too."""
+    (as VDM), and the width (a multiple of 32, for GroupNorm's 32 groups) that brings its parameter count
+    closest to the triplane's. Parameters grow as width squared, so one count gives the width; its neighbours are
+    checked too."""
     target = count_parameters(partial(pvdm.TriplaneUNet, unet_cfg))
     levels = tuple(range(len(unet_cfg.channel_mult)))[-2:]
     cfg = PixelUNetConfig(resolution=resolution, frames=frames, channel_mult=unet_cfg.channel_mult,
@@ -240,7 +241,8 @@ def autoencoder_workload(cfg):
     return Workload(
         name="autoencoder",
         build=lambda ckpt: pvdm.ProjectedAutoencoder(replace(cfg, grad_checkpointing=ckpt)),
-        inputs=lambda b, dev: (torch.rand(b, cfg.channels, cfg.frames, cfg.resolution, cfg.resolution, device=dev) * 2 - 1,),
+        inputs=lambda b, dev: (
+            torch.rand(b, cfg.channels, cfg.frames, cfg.resolution, cfg.resolution, device=dev) * 2 - 1,),
         loss=lambda model, x: model(x[0])[0],
         sample=decode,
     )
@@ -679,11 +681,14 @@ def print_table(out, resolutions, args):
     print(f"\n{'':{width}}  " + "  ".join(f"{n:>15}" for n in names))
     for label, cells in rows:
         print(f"{label:{width}}  " + "  ".join(f"{c:>15}" for c in cells))
-    print(f"\nmatmul peak ({out['device']}, {out['torch_threads']} threads): {out['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"\nmatmul peak ({out['device']}, {out['torch_threads']} threads): "
+          f"{out['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     print(f"max batch: largest that fits {args.gpu_mem:g} GB less {SAFETY_FRACTION:.0%} and {CUDA_CONTEXT_GB:g} GB "
-          f"for the CUDA context ({out['usable_bytes'] / GB:.1f} GB usable); first guess linear from b=1, 2, then searched")
+          f"for the CUDA context ({out['usable_bytes'] / GB:.1f} GB usable); first guess linear from b=1, 2, "
+          "then searched")
     check = out["memory_check_cpu"]
-    print(f"memory estimate / CPU allocator's peak, small autoencoder: {check['estimate'] / check['allocator_peak']:.4f}")
+    ratio = check["estimate"] / check["allocator_peak"]
+    print(f"memory estimate / CPU allocator's peak, small autoencoder: {ratio:.4f}")
     print(f"denoise FLOPs ratio (pixel / triplane, {resolutions[-1]}px): {out['denoise_flops_ratio']:.0f}x")
     print(f"synthetic data: {out['data_clips_per_s']:.0f} clips/s in one process")
 

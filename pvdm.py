@@ -214,7 +214,8 @@ class ProjectedAutoencoder(nn.Module):
         self.enc_norm = nn.LayerNorm(d)
         axis_len = {"t": T, "h": h, "w": w}
         self.project = nn.ModuleDict(
-            {k: AxisProjection(d, cfg.heads, cfg.proj_depth, axis_len[axis]) for k, (axis, _, _) in PROJECTIONS.items()})
+            {k: AxisProjection(d, cfg.heads, cfg.proj_depth, axis_len[axis])
+             for k, (axis, _, _) in PROJECTIONS.items()})
         self.to_latent = nn.ModuleDict({k: nn.Conv2d(d, cfg.latent_channels, 1) for k in PROJECTIONS})
         self.from_latent = nn.ModuleDict({k: nn.Conv2d(cfg.latent_channels, d, 1) for k in PROJECTIONS})
         self.dec_pos_t, self.dec_pos_s = nn.Parameter(torch.zeros(T, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))

@@ -40,9 +40,8 @@ import pvdm
 
 
 def init_process(args):
-    """This process's rank, the world size and its device. Under torchrun, RANK/WORLD_SIZE/LOCAL_RANK are set and
-    the process joins the group (nccl on CUDA, gloo on CPU); under plain python this is a world of one. Also sets
-    args.device and args.precision (bf16 on CUDA, fp32 on CPU, unless given), the seed (one per rank) and TF32."""
+    """This process's rank, the world size and its device. Under torchrun the process joins the group (nccl on CUDA,
+    gloo on CPU); under plain python it is a world of one. Also sets args.device, args.precision, the seed and TF32."""
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device)
@@ -88,9 +87,8 @@ def autocast(device, precision):
 
 
 def new_scaler(device, args, state=None, path=None):
-    """fp16's loss scaler (a no-op in other precisions), continuing the `state` the checkpoint at `path` saved: its
-    scale and its count of steps since the last overflow, so a resumed fp16 run scales its loss as one that never
-    stopped."""
+    """fp16's loss scaler (a no-op in other precisions), continuing the `state` (scale, steps since the last
+    overflow) the checkpoint at `path` saved, so a resumed fp16 run scales its loss as one that never stopped."""
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if state and scaler.is_enabled():
         rebuilt(path, lambda: scaler.load_state_dict(state))
@@ -127,9 +125,8 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
 
 
 def learning_rate(step, args):
-    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0.
-    A pure function of the step, so a resumed run continues the same curve. Ending at a small rate settles
-    the weights: the tiny autoencoder ends sharper than at a constant rate."""
+    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0 (which
+    settles the weights: the tiny autoencoder ends sharper). A pure function of the step, so resuming continues it."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.lr_decay == "constant":
@@ -151,8 +148,7 @@ def log(rank, out, text):
 
 
 class TrainingMeter:
-    """The log line's throughput (clips/s) and peak GPU memory, and once, a few steps in, the projected time to
-    --steps."""
+    """The log line's throughput and peak GPU memory, and once, a few steps in, the projected time to --steps."""
 
     def __init__(self, device, step, args, say):
         self.device, self.start, self.step0, self.global_batch = device, time.time(), step, args.batch_size
@@ -193,9 +189,8 @@ def fmt_time(seconds):
 
 
 def save_checkpoint(obj, path):
-    """Write atomically: a run killed mid-save leaves the previous checkpoint intact, never half a file. Refuses
-    NaN or inf anywhere in obj, so a blown-up model never replaces a good checkpoint, and answers a full disk in one
-    line, removing its temporary file."""
+    """Write atomically: a run killed mid-save leaves the previous checkpoint intact. Refuses NaN or inf anywhere in
+    obj, so a blown-up model never replaces a good checkpoint; a full disk is one line, and no temporary file."""
     bad = nonfinite(obj)
     if bad is not None:
         raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
@@ -263,7 +258,7 @@ def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=Fals
     if kind is int:
         allowed = f"from {low} to {high}" if high < math.inf else f">= {low}"
     else:
-        allowed = "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
+        allowed = f"in {'[('[open_low]}{low:g}, {high:g}{'])'[open_high]}"
 
     def parse(text):
         try:
@@ -291,8 +286,8 @@ def device_name(text):
 
 
 def resolve_device(name):
-    """The torch.device a --device value names (None: cuda when available), or one line saying why it cannot be
-    used. 'cuda' means this process's GPU: cuda:LOCAL_RANK under torchrun, cuda:0 alone."""
+    """The torch.device a --device value names (None: cuda when available; cuda: cuda:LOCAL_RANK under torchrun,
+    cuda:0 alone), or one line saying why it cannot be used."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -322,16 +317,15 @@ LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, which the tiny
 
 
 def parse_for_data(parser, argv, data_defaults):
-    """Parse argv with the flag defaults `data_defaults` gives the chosen --data (if any) in place of the usual ones:
-    each quick start runs with its own measured settings and no extra flag."""
+    """Parse argv with the chosen --data's defaults from `data_defaults`: each quick start runs with no extra flag."""
     chosen = parser.parse_known_args(argv)[0].data
     parser.set_defaults(**data_defaults.get(chosen, {}))
     return parser.parse_args(argv)
 
 
 def num_shapes_option(args, trained=None):
-    """make_dataset's shape-count option from the data flags: --num-shapes if given, else `trained`, the shapes per
-    video a model was trained on (pass it for synthetic data only), else none (the set's default)."""
+    """make_dataset's shape-count option: --num-shapes if given, else `trained` (the shapes per video a model was
+    trained on; pass it for synthetic data only), else none (the set's default)."""
     num_shapes = args.num_shapes if args.num_shapes is not None else trained
     return {} if num_shapes is None else {"num_shapes": num_shapes}
 
@@ -359,7 +353,7 @@ def add_common_args(p, out, steps, batch_size):
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 # ----------------------------------------------------------------------------------------------
-# Checks before and during training: one line, and never a lost model
+# Checks, safe loading and exact resumption: one line, never a lost model or a mismatched pair
 # ----------------------------------------------------------------------------------------------
 
 
@@ -371,11 +365,10 @@ def fail(message, distributed=False):
 
 
 def check_fits(args, device, world, build):
-    """The paper preset, before training allocates: the memory one training step needs on this rank, estimated on
-    fake tensors (shapes only: fp32 weights, gradients and AdamW's two moments, plus what the forward pass keeps for
-    backward), and the time to --steps at this machine's matmul speed. Where the memory is not there, one line says so
-    and names the flag that fits, rather than a kernel's kill minutes later; a CPU that has it hears the cost in one
-    line and trains. build(batch) -> (model, its loss)."""
+    """The paper preset, before training allocates: the memory a training step needs on this rank, estimated on fake
+    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward), and the time
+    to --steps at this machine's matmul speed. Memory that is not there is one line naming the flag that fits, not a
+    kernel's kill minutes later; a CPU that has it hears the cost and trains. build(batch) -> (model, its loss)."""
     if args.preset != "paper":
         return
     kept = {}  # storage -> bytes of every tensor saved for backward
@@ -422,7 +415,7 @@ def matmul_speed(device, n=1024, calls=4):
 
 
 def nonfinite(tree):
-    """The name of the first floating tensor holding NaN or inf in a module or a (nested) checkpoint dict, or None."""
+    """The name of the first floating tensor holding NaN or inf in a module or a nested checkpoint dict, or None."""
     items = tree.state_dict().items() if isinstance(tree, torch.nn.Module) else (
         tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ())
     for key, value in items:
@@ -442,9 +435,8 @@ def what_is_left(ckpt_path, then="with a lower --lr or --precision fp32"):
 
 
 def check_finite(loss, step, ckpt_path, modules=()):
-    """Stop at a non-finite loss, and, given the modules about to be saved, at non-finite weights: the loss is
-    computed before the optimiser step, so a finite loss can still leave NaN weights behind, and those must never
-    replace a good checkpoint. Every rank checks (the weights are the same on all), so all stop together."""
+    """Stop at a non-finite loss, or at non-finite weights in the modules about to be saved (the loss comes before the
+    optimiser step, so a finite one can still leave NaN weights). Every rank checks, so all stop together."""
     bad = None if math.isfinite(loss) else f"the loss became {loss}"
     for module in modules:
         name = bad is None and nonfinite(module)
@@ -459,14 +451,11 @@ def say_if_done(rank, args, ckpt_path, step):
         log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
             "to train on.")
 
-# ----------------------------------------------------------------------------------------------
-# Resuming exactly, and loading only what belongs together
-# ----------------------------------------------------------------------------------------------
 
 
 def rng_states(device, world):
-    """Every rank's random state (CPU, and its GPU's on CUDA), for the checkpoint: a run resumed from it draws the
-    same noise, timesteps and conditioning choices as one that never stopped. Called on all ranks."""
+    """Every rank's random state (CPU and GPU), for the checkpoint: a resumed run draws the same noise as one that
+    never stopped. Called on all ranks."""
     state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
     states = [state] * world
     if world > 1:
@@ -483,9 +472,8 @@ def restore_rng(states, rank, device):
 
 
 def load_diffusion(path, device, autoencoder_path=None, ema=True):
-    """A trained diffusion model (its EMA weights unless ema=False) and the autoencoder it was trained with (by
-    default the one its checkpoint records), in eval mode, refusing a pair that does not belong together: the
-    autoencoder's latents would be noise to the UNet. Returns (autoencoder, diffusion, step, autoencoder path)."""
+    """(autoencoder, diffusion, step, autoencoder path) in eval mode: a trained diffusion model (EMA weights unless
+    ema=False) and the autoencoder its checkpoint records (or the one given), refusing a pair that does not match."""
     ckpt = load_checkpoint(path, "diffusion")
     autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
     if not os.path.isfile(autoencoder_path):
@@ -511,17 +499,12 @@ def load_diffusion(path, device, autoencoder_path=None, ema=True):
 
 
 def load_file(path, what, fix):
-    """The one way a checkpoint or cache is read: torch.load with weights_only=True, so only tensors and plain
-    values come back and a hostile pickle never runs. A missing, empty, truncated, foreign or hostile file is
-    answered in one line naming it and `fix`, what to do."""
+    """The one way a checkpoint or cache is read: torch.load with weights_only=True, so a hostile pickle never runs.
+    A missing, empty, truncated, foreign or hostile file is one line naming it and `fix`, what to do."""
     path = str(path)
-    if os.path.isdir(path):
-        problem = "is a folder, not a file"
-    elif not os.path.isfile(path):
-        problem = "does not exist"
-    elif os.path.getsize(path) == 0:
-        problem = "is empty"
-    else:
+    problem = ("is a folder, not a file" if os.path.isdir(path) else "does not exist" if not os.path.isfile(path)
+               else "is empty" if os.path.getsize(path) == 0 else None)
+    if problem is None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns before failing on some foreign files
@@ -537,8 +520,6 @@ def load_file(path, what, fix):
 CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
                    "diffusion": {"unet_config": dict, "diffusion_config": dict, "model": dict, "ema": dict,
                                  "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
-
-
 RESUME_KEYS = {"optimizer": dict, "step": int}
 
 
@@ -559,9 +540,8 @@ def rebuilt(path, build):
 
 
 def config_changes(saved, current):
-    """Fields in which a checkpoint's config (a dict) differs from this run's dataclass config, read through the
-    dataclass so a field added since reads at its default. Activation checkpointing trades memory for time
-    and leaves the model as it is, so a resumed run may switch it."""
+    """Fields in which a checkpoint's config (a dict, read through the dataclass so a field added since reads at its
+    default) differs from this run's. Activation checkpointing leaves the model as it is: resuming may switch it."""
     try:
         there = asdict(type(current)(**saved))
     except (TypeError, ValueError) as error:  # a field this code does not know, or a value it refuses
@@ -577,8 +557,7 @@ def load_states(path, ckpt, **targets):
 
 
 def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
-    """Refuse an autoencoder other than the one a diffusion checkpoint records (its `record`, path + fingerprint):
-    its latents would be noise to the UNet. Used by sample.py and by resuming stage 2."""
+    """Refuse an autoencoder other than the one a diffusion checkpoint records: its latents would be noise here."""
     if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
         raise SystemExit(f"error: {path} was trained with a different autoencoder than {autoencoder_path} (weights "
                          f"fingerprint differs); pass the one it was trained with, {record['path']} when it was "
@@ -586,8 +565,8 @@ def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
 
 
 def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model was trained on; None for real data.
-    Checkpoints from before --num-shapes existed record none, and were trained on two, the default then."""
+    """Shapes per video of the synthetic clips a checkpoint's model learnt; None for real data. Checkpoints from
+    before --num-shapes record none, and were trained on two, the default then."""
     if "num_shapes" in ckpt:
         return ckpt["num_shapes"]
     return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
@@ -598,9 +577,8 @@ def trained_num_shapes(ckpt):
 
 
 class Progress:
-    """A status line on stderr with time spent and time left, for `total` units of work. On a terminal it is
-    one line rewritten in place; in a log file or a pipe, a plain line every `every` seconds or every tenth
-    of the work (and at the end), never one per step."""
+    """A status line on stderr with time spent and left for `total` units of work: on a terminal, rewritten in place;
+    in a log or a pipe, a plain line every `every` seconds or tenth of the work, and at the end."""
 
     def __init__(self, total, stream=None, every=10.0):
         self.stream = stream or sys.stderr
@@ -647,18 +625,17 @@ def pid_alive(pid):
     if pid <= 0 or os.name == "nt":
         return pid > 0
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)  # signal 0 only asks; a PermissionError means it exists, run by another user
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, run by another user
+        pass
     return True
 
 
 @contextlib.contextmanager
 def removed_on_failure(paths):
-    """Files being written that are removed if the block fails (a full disk, Ctrl-C): half a video is never left to
-    pass for a whole one."""
+    """Files being written, removed if the block fails (a full disk, Ctrl-C): half a video never passes for one."""
     try:
         yield
     except BaseException:
@@ -669,8 +646,8 @@ def removed_on_failure(paths):
 
 
 def check_out_dir(out, names, formats, overwrite):
-    """Refuse a folder holding videos of another run (evaluate.py would mix them into the statistics), and, unless
-    --overwrite, videos of the names this run writes: an earlier run's samples are never replaced silently."""
+    """Refuse a folder holding other videos (evaluate.py would mix them in) or, unless --overwrite, earlier videos of
+    the names this run writes."""
     ours = {f"{name}.{fmt}" for name in names for fmt in formats}
     videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
     stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
@@ -687,29 +664,25 @@ def check_out_dir(out, names, formats, overwrite):
 
 
 HOST = socket.gethostname()
-
-
-# run.lock holds 'pvdm run PID@HOST'; a bare pid is a lock of this host from before hosts were recorded
-LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)
+LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)  # 'pvdm run PID@HOST', or an older bare pid
 
 
 def take_lock(out):
     """One run per folder: OUT/run.lock names the run using it (pid and host), created atomically (O_CREAT | O_EXCL),
     removed at exit. A lock of this host whose process is gone (a killed run) is stale and taken over, so kill -9
     never leaves the folder stuck; a lock of another host, or one this project did not write, is never removed."""
-    lock = os.path.join(out, "run.lock")
+    lock, clear = os.path.join(out, "run.lock"), f"if no run uses {out}, delete it, or pass another --out"
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
                 info = os.lstat(lock)
-                text = open(lock, "rb").read(200).decode("ascii", "replace").strip() if S_ISREG(info.st_mode) else None
+                if not S_ISREG(info.st_mode):  # a FIFO or a folder: reading it could hang, so it is never opened
+                    raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
+                text = open(lock, "rb").read(200).decode("ascii", "replace").strip()
             except FileNotFoundError:
                 continue  # released meanwhile
-            clear = f"if no run uses {out}, delete it, or pass another --out"
-            if text is None:  # a FIFO or a folder: reading it could hang, so it is never opened
-                raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
             found = LOCK_TEXT.fullmatch(text)
             if not found and time.time() - info.st_mtime >= 10:  # not one being written just now
                 raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
@@ -735,8 +708,7 @@ def release_lock(lock):
 
 
 def temporary(path, pid=None):
-    """Where save_checkpoint writes before renaming: the project's marker, the host and the pid in the name, so that
-    only leftovers this project can tell are its own (and whose run is gone) are ever removed."""
+    """Where save_checkpoint writes first: marker, host and pid in the name, so only our own leftovers are removed."""
     return f"{path}.pvdm-tmp.{HOST}.{pid or os.getpid()}"
 
 
@@ -757,7 +729,16 @@ def prepare_out(args, name, rank, world):
     path, message = os.path.join(args.out, name), None
     if rank == 0:
         try:
-            claim_out(args, path)
+            if args.resume and args.start_over:
+                raise SystemExit("error: --resume continues the checkpoint in --out and --start-over sets it aside; "
+                                 "pass one.")
+            make_out_dir(args.out)
+            take_lock(args.out)
+            remove_stale_temporaries(args.out)
+            if not (args.resume or args.start_over) and os.path.exists(path):
+                raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume to continue it, "
+                                 "--start-over to train a new one (the old one is kept beside it, renamed), or "
+                                 "another --out.")
         except SystemExit as error:
             message = str(error).removeprefix("error: ")
     if world > 1:
@@ -769,24 +750,10 @@ def prepare_out(args, name, rank, world):
     return path
 
 
-def claim_out(args, path):
-    """prepare_out on rank 0."""
-    if args.resume and args.start_over:
-        raise SystemExit("error: --resume continues the checkpoint in --out and --start-over sets it aside; pass one.")
-    make_out_dir(args.out)
-    take_lock(args.out)
-    remove_stale_temporaries(args.out)
-    if not (args.resume or args.start_over) and os.path.exists(path):
-        raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume to continue it, "
-                         "--start-over to train a new one (the old one is kept beside it, renamed), or another --out.")
-
-
 def begin_training(args, path, rank):
-    """Called once every input is checked, as training is about to write. --start-over now sets the old checkpoint
-    aside, renamed with the time (so a typo in a flag never leaves the folder without one), and Ctrl-C from here on
-    ends in one line saying what was kept and how to resume. Returns the check the loop makes at every step: Ctrl-C
-    stops the run at once, unless it lands in a finaliser (imageio closes files in __del__), which would print and
-    swallow the exit; then the run stops at the next step."""
+    """Once every input is checked: --start-over sets the old checkpoint aside, renamed with the time (a typo in a flag
+    never leaves the folder without one), and Ctrl-C ends the run in one line saying how to resume. Returns the check
+    the loop makes at every step, for Ctrl-C in a finaliser (imageio closes files in __del__), which swallows exits."""
     if rank == 0 and args.start_over and os.path.exists(path):
         stem, ext = os.path.splitext(path)
         kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
@@ -797,9 +764,9 @@ def begin_training(args, path, rank):
 
     def on_ctrl_c(signum, frame):
         pressed.append(True)
-        while frame and frame.f_code.co_name != "__del__":  # in a finaliser the exit would be lost: the loop stops
+        while frame and frame.f_code.co_name != "__del__":
             frame = frame.f_back
-        if frame is None:
+        if frame is None:  # not in a finaliser: stop now
             interrupted(path, rank)
     signal.signal(signal.SIGINT, on_ctrl_c)
     return lambda: pressed and interrupted(path, rank)
@@ -818,8 +785,7 @@ def interrupted(path, rank):
 
 
 def run_cleanly(main):
-    """Run a script's main() so that an OSError that escapes main (a full disk, a folder removed under a running job) or
-    Ctrl-C ends in one line, not a traceback."""
+    """Run a script's main() so that Ctrl-C or an escaping OSError (a full disk, a removed folder) is one line."""
     try:
         main()
     except KeyboardInterrupt:

@@ -149,6 +149,8 @@ def main(argv=None):
         runtime.fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
                      f"--num-shapes {trained}.", world > 1)
     runtime.say_if_done(rank, args, ckpt_path, step)
+    # the paper preset: is there the memory? (before the naive code below, which takes half a minute at its size)
+    runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
     # the bar to clear: the best naive code (averages on a coarser grid) of no more values than the latent
     naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
@@ -156,7 +158,6 @@ def main(argv=None):
     naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
     stream = runtime.batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))  # the paper preset: is there memory?
     # --start-over sets the old checkpoint aside now
     stop_if_interrupted = runtime.begin_training(args, ckpt_path, rank)
     meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
