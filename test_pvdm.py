@@ -454,6 +454,16 @@ def test_prediction_follows_the_preset_unless_given():
     assert train_diffusion.parse_args(["--preset", "paper"]).prediction == "eps"
 
 
+def test_the_noise_defaults_belong_to_the_synthetic_quick_start_and_a_flag_overrides_them():
+    """Noisy planes (stage 1) and a noisy condition (stage 2) are measured defaults on synthetic data only; other
+    data keep the paper's exact planes and clean condition."""
+    import train_autoencoder, train_diffusion
+    ucf = ["--data", "ucf101", "--data-dir", "UCF-101"]
+    assert [train_autoencoder.parse_args(a).latent_noise for a in ([], ucf, ["--latent-noise", "0"])] == [0.3, 0, 0]
+    assert [train_diffusion.parse_args(a).cond_noise for a in ([], ucf, ["--cond-noise", "0"])] == [0.1, 0, 0]
+    assert train_autoencoder.parse_args(["--data", "footage"]).latent_noise == 0
+
+
 def test_diffusion_config_refuses_an_unknown_prediction():
     with pytest.raises(ValueError, match="prediction"):
         pvdm.DiffusionConfig(prediction="x0")

@@ -19,8 +19,10 @@ import pvdm
 import runtime
 
 
-# The footage quick start (README): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
-DATA_DEFAULTS = {"footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
+# Per-data defaults. synthetic: a noisy condition keeps long samples' speed (README, "Do long samples look like the
+# data?"). footage (its quick start): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
+DATA_DEFAULTS = {"synthetic": dict(cond_noise=0.1),
+                 "footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
                                  steps=1000, workers=0)}
 
 
@@ -42,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=runtime.non_negative_int, help="frames each clip shares with the one before "
                    "(pvdm.align_condition; default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
     p.add_argument("--cond-noise", type=runtime.float_in(0), default=0.0,
-                   help="std of Gaussian noise on the condition the UNet sees, in training and sampling (0: clean)")
+                   help="std of Gaussian noise on the condition the UNet sees, in training and sampling (default: "
+                        "0.1 on synthetic data, where long samples then keep their speed; else 0, the paper's)")
     p.add_argument("--ema-decay", type=runtime.probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
