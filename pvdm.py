@@ -266,20 +266,13 @@ class ProjectedAutoencoder(nn.Module):
     def use_checkpoint(self):
         return self.cfg.grad_checkpointing and self.training
 
-    def freeze_encoder(self):
-        """Stop training everything that makes the planes (train_autoencoder.py's decoder phase): the latents
-        stay as they are, so a latent cache or a stage-2 model made from them later sees the same ones."""
-        for name, param in self.named_parameters():
-            if not name.startswith(("from_latent", "dec_", "decoder", "to_pixels")):
-                param.requires_grad_(False)
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
-        the decoder learns from planes with Gaussian noise added (unless noisy=False): the encoder then spreads
-        what it keeps apart by more than the noise, which gives latents that stage 2 samples in steadier colours."""
+        the decoder learns from planes with Gaussian noise added: stage 2's samples are never exact, and a decoder
+        that has only seen exact planes turns their errors into shifted colours and broken fill."""
         planes = self.encode(x)
-        if self.training and noisy and self.cfg.latent_noise > 0:
+        if self.training and self.cfg.latent_noise > 0:
             planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()

@@ -18,9 +18,8 @@ import runtime
 
 # The footage quick start's settings (README); the frames sit in memory, so worker processes would only add
 # start-up time at every epoch.
-# synthetic: noisy planes shape latents that stage 2 samples in steadier colours, then the decoder alone sharpens on
-# the exact planes (README, "Do long samples look like the data?")
-DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3, decoder_share=0.25),
+# synthetic: noisy planes give latents stage 2 samples in steadier colours (README, "Do long samples look like the data?")
+DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3),
                  "footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0)}
 
 
@@ -43,9 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--latent-noise", type=runtime.float_in(0), default=0.0,
                    help="std of Gaussian noise added to the latent planes the decoder learns from (default: 0.3 on "
                         "synthetic data, else 0): latents stage 2 samples more faithfully, at some cost in PSNR")
-    p.add_argument("--decoder-share", type=runtime.float_in(0, 1, open_high=True), default=0.0,
-                   help="the last share of --steps trains the decoder alone, on exact planes: the latents stay as "
-                        "they are and the reconstructions sharpen (default: 0.25 on synthetic data, else 0)")
     p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help="step at which the 3D discriminator switches on (default: never)")
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the adversarial loss (default 0.1)")
@@ -167,21 +163,15 @@ def main(argv=None):
     # --start-over sets the old checkpoint aside now
     stop_if_interrupted = runtime.begin_training(args, ckpt_path, rank)
     meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
-    decoder_from = args.steps - round(args.decoder_share * args.steps)  # the decoder phase's first step
     while step < args.steps:
         stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
-        if step >= decoder_from and model.patch_embed.weight.requires_grad:  # the decoder phase begins
-            model.freeze_encoder()
-            ddp = runtime.wrap_ddp(model, device, world)  # DDP must know which weights get no gradient
-            runtime.log(rank, args.out, f"step {step:6d} | decoder phase: the encoder is frozen, the decoder trains "
-                        "on exact planes")
         x = next(stream)
         if args.augment:
             x = augment(x, args.seed, step)
         x = x.to(device, non_blocking=True)
         # reconstruction (plus, after --gan-start, fooling the discriminator)
         with runtime.autocast(device, args.precision):
-            loss, x_hat = ddp(x, noisy=step < decoder_from)
+            loss, x_hat = ddp(x)
             gan_on = disc is not None and step >= args.gan_start
             if gan_on:
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
