@@ -269,8 +269,9 @@ class ProjectedAutoencoder(nn.Module):
     def forward(self, x):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
-        the decoder learns from planes with Gaussian noise added: stage 2's samples are never exact, and a decoder
-        that has only seen exact planes turns their errors into shifted colours and broken fill."""
+        the decoder learns from planes with Gaussian noise added: the encoder must then keep what it encodes
+        further apart than the noise, and stage 2 samples such latents in steadier colours; the decoder learns to
+        read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness."""
         planes = self.encode(x)
         if self.training and self.cfg.latent_noise > 0:
             planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]
