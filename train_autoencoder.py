@@ -129,6 +129,8 @@ def main(argv=None):
         if disc and "disc" in ckpt:
             runtime.load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
         step = ckpt["step"]
+        # the noise of a run that never stopped (--latent-noise)
+        runtime.rebuilt(ckpt_path, lambda: runtime.restore_rng(ckpt.get("rng"), rank, device))
     ddp, ddp_disc = runtime.wrap_ddp(model, device, world), disc and runtime.wrap_ddp(disc, device, world)
     # loss scaling, fp16 only
     scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None, ckpt_path)
@@ -194,6 +196,7 @@ def main(argv=None):
         loss_value = runtime.mean_over_ranks(loss, world)
         saving = step % args.save_every == 0 or step == args.steps
         runtime.check_finite(loss_value, step, ckpt_path, [m for m in (model, disc) if saving and m is not None])
+        rng = runtime.rng_states(device, world) if saving else None  # gathered from every rank
         meter.project(step)  # once, a few steps in: the time to --steps at this pace
         if step % args.log_every == 0 or step == args.steps:
             gan = f" | d_loss {runtime.mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
@@ -203,7 +206,7 @@ def main(argv=None):
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
             ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes,
+                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes, "rng": rng,
                     "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict()}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
