@@ -560,8 +560,8 @@ class GaussianDiffusion(nn.Module):
 
     def noisy_condition(self, cond, generator=None):
         """The condition as the UNet sees it: with cfg.cond_noise > 0, Gaussian noise of that std added (in training
-        and sampling alike), so the UNet cannot copy fine detail from the clip before and must make each clip itself;
-        a clip's small errors then stop being copied and amplified down a long video."""
+        and sampling alike), so the UNet learns to rely on the clip before less literally and one clip's small
+        errors are not copied into the next; on the synthetic quick start long samples then keep their speed."""
         if not self.cfg.cond_noise:
             return cond
         return cond + self.cfg.cond_noise * torch.randn(cond.shape, generator=generator, device=cond.device)

@@ -16,9 +16,9 @@ import pvdm
 import runtime
 
 
-# The footage quick start's settings (README); the frames sit in memory, so worker processes would only add
-# start-up time at every epoch.
-# synthetic: noisy planes give latents stage 2 samples in steadier colours (README, "Do long samples look like the data?")
+# Per-data defaults. synthetic: noisy planes give latents that stage 2 samples in steadier colours (README,
+# Differences). footage (its quick start): the frames sit in memory, so worker processes would only add start-up
+# time at every epoch.
 DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3),
                  "footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0)}
 
