@@ -19,7 +19,8 @@ import pvdm
 import runtime
 
 
-# Per-data defaults. synthetic: a noisy condition keeps long samples' speed (README, Differences). footage (its quick start): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
+# Per-data defaults. synthetic: a noisy condition keeps long samples' speed (README, Differences). footage (its
+# quick start): windows drawn afresh each epoch from the frames in memory, encoded on the fly.
 DATA_DEFAULTS = {"synthetic": dict(cond_noise=0.1),
                  "footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
                                  steps=1000, workers=0)}
