@@ -633,36 +633,6 @@ def pid_alive(pid):
     return True
 
 
-@contextlib.contextmanager
-def removed_on_failure(paths):
-    """Files being written, removed if the block fails (a full disk, Ctrl-C): half a video never passes for one."""
-    try:
-        yield
-    except BaseException:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise
-
-
-def check_out_dir(out, names, formats, overwrite):
-    """Refuse a folder holding other videos (evaluate.py would mix them in) or, unless --overwrite, earlier videos of
-    the names this run writes."""
-    ours = {f"{name}.{fmt}" for name in names for fmt in formats}
-    videos = sorted(f for f in os.listdir(out) if f.endswith((".mp4", ".gif")))
-    stale, same = [f for f in videos if f not in ours], [f for f in videos if f in ours]
-    special = [f for f in same if not S_ISREG(os.lstat(os.path.join(out, f)).st_mode)]
-    if special:  # writing into a FIFO would hang; a link or folder would be followed or fail half-way
-        raise SystemExit(f"error: {os.path.join(out, special[0])} is not a regular file; remove it or pick another "
-                         "--out.")
-    if stale:
-        raise SystemExit(f"error: {out} already holds {len(stale)} other video(s) such as {stale[0]}; "
-                         "pick an empty --out or remove them.")
-    if same and not overwrite:
-        raise SystemExit(f"error: {out} already holds {len(same)} video(s) of the names this run writes, such as "
-                         f"{same[0]}; pass --overwrite to replace them, or another --out.")
-
-
 HOST = socket.gethostname()
 LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)  # 'pvdm run PID@HOST', or an older bare pid
 
