@@ -182,8 +182,7 @@ class PixelDiffusion(nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        schedule = pvdm.GaussianDiffusion(nn.Identity(), pvdm.DiffusionConfig())
-        self.register_buffer("alpha_bar", schedule.alpha_bar, persistent=False)
+        self.register_buffer("alpha_bar", pvdm.noise_schedule(pvdm.DiffusionConfig())[1], persistent=False)
 
     def forward(self, x0):
         t = torch.randint(0, len(self.alpha_bar), (x0.shape[0],), device=x0.device)

@@ -496,6 +496,13 @@ class TriplaneUNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def noise_schedule(cfg):
+    """beta_t and alpha_bar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1: the latent-diffusion "linear" schedule, linear
+    in sqrt(beta), then squared. The product is taken in float64; float32 is plenty after it."""
+    betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
+    return betas.float(), torch.cumprod(1 - betas, dim=0).float()
+
+
 class GaussianDiffusion(nn.Module):
     """DDPM (Ho et al. 2020) on packed latents z (B, C, N). The UNet predicts either the noise eps (the
     paper's choice, from latent diffusion) or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0
@@ -505,12 +512,9 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, model, cfg):
         super().__init__()
         self.model, self.cfg = model, cfg
-        # the latent-diffusion "linear" schedule: linear in sqrt(beta), then squared
-        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
-        alpha_bar = torch.cumprod(1 - betas, dim=0)
-        # buffers, so .to(device) moves them; float32 is plenty once the cumulative product is taken
-        self.register_buffer("betas", betas.float(), persistent=False)
-        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        betas, alpha_bar = noise_schedule(cfg)
+        self.register_buffer("betas", betas, persistent=False)  # buffers, so .to(device) moves them
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
 
     def q_sample(self, z0, t, noise):
         """Sample q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)."""
