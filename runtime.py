@@ -258,7 +258,7 @@ def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=Fals
     if kind is int:
         allowed = f"from {low} to {high}" if high < math.inf else f">= {low}"
     else:
-        allowed = f"in {'[('[open_low]}{low:g}, {high:g}{'])'[open_high]}"
+        allowed = "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
 
     def parse(text):
         try:
@@ -450,7 +450,6 @@ def say_if_done(rank, args, ckpt_path, step):
     if step >= args.steps:
         log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
             "to train on.")
-
 
 
 def rng_states(device, world):
