@@ -187,8 +187,7 @@ class PixelDiffusion(nn.Module):
     def forward(self, x0):
         t = torch.randint(0, len(self.alpha_bar), (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        ab = self.alpha_bar[t][:, None, None, None, None]  # (B, 1, 1, 1, 1)
-        eps = self.unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t)  # (B, 3, T, H, W)
+        eps = self.unet(pvdm.q_sample(self.alpha_bar, x0, t, noise), t)  # (B, 3, T, H, W)
         return F.mse_loss(eps.float(), noise.float())
 
 

@@ -564,7 +564,7 @@ def run_noising(args):
     latent: a row per timestep, the frames the decoder makes of z_t beside z_s, z_h and z_w (channel 0)."""
     ckpt = load_checkpoint(args.autoencoder, "autoencoder")
     autoencoder = autoencoder_from_checkpoint(ckpt, args.device, args.autoencoder)
-    cfg, alpha_bar = autoencoder.cfg, pvdm.noise_schedule(pvdm.DiffusionConfig())[1]
+    cfg, alpha_bar = autoencoder.cfg, pvdm.noise_schedule(pvdm.DiffusionConfig())[1].to(args.device)
     trained = trained_num_shapes(ckpt) if args.data == "synthetic" else None
     dataset = make_dataset(args.data, args.data_dir, resolution=cfg.resolution, frames=cfg.frames, split=args.split,
                            frame_stride=args.frame_stride, seed=args.seed, **num_shapes_option(args, trained))
@@ -575,7 +575,7 @@ def run_noising(args):
     rows, scale = [], max(1, SHEET_PIXELS // cfg.resolution)
     for t in NOISE_LEVELS:
         ab = alpha_bar[t].item()
-        zt = ab ** 0.5 * z0 + (1 - ab) ** 0.5 * noise  # q_sample
+        zt = pvdm.q_sample(alpha_bar, z0, torch.tensor([t], device=args.device), noise)
         planes = [p[0] for p in pvdm.unpack(zt, *cfg.latent_size)]
         rows.append(picture_row(autoencoder.decode([p[None] for p in planes])[0], planes, scale))
         print(f"row {len(rows)}: t = {t:3d}, z_t = {ab ** 0.5:.3f} z_0 + {(1 - ab) ** 0.5:.3f} eps")

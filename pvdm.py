@@ -503,6 +503,12 @@ def noise_schedule(cfg):
     return betas.float(), torch.cumprod(1 - betas, dim=0).float()
 
 
+def q_sample(alpha_bar, z0, t, noise):
+    """Sample q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I) for timesteps t (B,), any z0 (B, ...)."""
+    ab = alpha_bar[t].view(-1, *[1] * (z0.dim() - 1))  # (B, 1, ...)
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+
+
 class GaussianDiffusion(nn.Module):
     """DDPM (Ho et al. 2020) on packed latents z (B, C, N). The UNet predicts either the noise eps (the
     paper's choice, from latent diffusion) or the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0
@@ -517,9 +523,7 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
 
     def q_sample(self, z0, t, noise):
-        """Sample q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)."""
-        ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
-        return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        return q_sample(self.alpha_bar, z0, t, noise)
 
     def forward(self, z0, prev, has_prev):
         """Algorithm 1 (training), the paper's joint objective. z0: a clip's latents; prev: the latents of the

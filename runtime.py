@@ -462,12 +462,15 @@ def rng_states(device, world):
     return states
 
 
-def restore_rng(states, rank, device):
-    """Continue the random streams a checkpoint saved; one from another number of ranks keeps the fresh seed."""
-    if states is not None and len(states) > rank:
+def restore_rng(states, rank, device, path):
+    """Continue the random streams the checkpoint at `path` saved; one from another number of ranks keeps the fresh
+    seed, and a damaged entry is one line."""
+    def restore():
         torch.set_rng_state(states[rank][0])
         if device.type == "cuda" and len(states[rank]) > 1:
             torch.cuda.set_rng_state(states[rank][1], device)
+    if states is not None and len(states) > rank:
+        rebuilt(path, restore)
 
 
 def load_diffusion(path, device, autoencoder_path=None, ema=True):
@@ -633,6 +636,13 @@ def pid_alive(pid):
 
 
 HOST = socket.gethostname()
+
+
+def our_lock_text():
+    """What this process writes in run.lock, and looks for before removing it."""
+    return f"pvdm run {os.getpid()}@{HOST}"
+
+
 LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)  # 'pvdm run PID@HOST', or an older bare pid
 
 
@@ -664,7 +674,7 @@ def take_lock(out):
                 os.remove(lock)  # stale: its run is gone
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"pvdm run {os.getpid()}@{HOST}")
+            f.write(our_lock_text())
         atexit.register(release_lock, lock)
         return
     raise SystemExit(f"error: could not take {lock}; another run is starting on {out}: pass another --out.")
@@ -672,7 +682,7 @@ def take_lock(out):
 
 def release_lock(lock):
     with contextlib.suppress(OSError):
-        if S_ISREG(os.lstat(lock).st_mode) and open(lock).read() == f"pvdm run {os.getpid()}@{HOST}":
+        if S_ISREG(os.lstat(lock).st_mode) and open(lock).read() == our_lock_text():
             os.remove(lock)
 
 
@@ -747,7 +757,7 @@ def interrupted(path, rank):
         raise SystemExit(1)  # rank 0 says it
     if not os.path.exists(path):
         raise SystemExit("interrupted before the first checkpoint, so nothing was kept; run the command again.")
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    step = load_file(path, "the checkpoint", "train again")["step"]
     argv = [a for a in sys.argv if a != "--start-over"] + ["--resume"] * ("--resume" not in sys.argv)
     raise SystemExit(f"interrupted: the last checkpoint, {path}, holds step {step}; continue it with: "
                      f"python {shlex.join(argv)}")

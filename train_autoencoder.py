@@ -61,9 +61,9 @@ def parse_args(argv=None):
 
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
-               grad_checkpointing=args.grad_checkpointing)
+               latent_noise=args.latent_noise, grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
-             ("latent_channels", args.latent_channels), ("latent_noise", args.latent_noise))
+             ("latent_channels", args.latent_channels))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
@@ -130,7 +130,7 @@ def main(argv=None):
             runtime.load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
         step = ckpt["step"]
         # the noise of a run that never stopped (--latent-noise)
-        runtime.rebuilt(ckpt_path, lambda: runtime.restore_rng(ckpt.get("rng"), rank, device))
+        runtime.restore_rng(ckpt.get("rng"), rank, device, ckpt_path)
     ddp, ddp_disc = runtime.wrap_ddp(model, device, world), disc and runtime.wrap_ddp(disc, device, world)
     # loss scaling, fp16 only
     scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None, ckpt_path)
@@ -156,10 +156,11 @@ def main(argv=None):
     # the paper preset: is there the memory? (before the naive code below, which takes half a minute at its size)
     runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))
     eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
-    # the bar to clear: the best naive code (averages on a coarser grid) of no more values than the latent
-    naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
-    grid = "x".join(map(str, naive_size))
-    naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
+    naive = None  # the bar to clear, said beside each held-out PSNR (rank 0 alone evaluates): the best naive code
+    if rank == 0:  # (averages on a coarser grid) of no more values than the latent
+        naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
+        grid = "x".join(map(str, naive_size))
+        naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
     stream = runtime.batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
     # --start-over sets the old checkpoint aside now

@@ -176,7 +176,7 @@ def main(argv=None):
         runtime.load_states(ckpt_path, ckpt, model=unet, ema=ema.model, optimizer=opt)
         step = ckpt["step"]
         # the noise of a run that never stopped
-        runtime.rebuilt(ckpt_path, lambda: runtime.restore_rng(ckpt.get("rng"), rank, device))
+        runtime.restore_rng(ckpt.get("rng"), rank, device, ckpt_path)
     ddp = runtime.wrap_ddp(diffusion, device, world)
     scaler = runtime.new_scaler(device, args, ckpt.get("scaler") if args.resume else None, ckpt_path)  # fp16 only
     n_params = sum(p.numel() for p in unet.parameters())
