@@ -14,7 +14,9 @@ import importlib.metadata
 import json
 import os
 import re
+import sys
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -306,9 +308,8 @@ def probe_all(root, paths):
     except (OSError, ValueError):
         cache = {}
     cache, changed, result = cache if isinstance(cache, dict) else {}, False, {}
-    if len(paths) - len(cache) > 200:
-        print(f"probing {len(paths) - len(cache)} videos under {root} once (cached in {CACHE_DIR})")
-    for path in paths:
+    progress = Progress(len(paths)) if len(paths) - len(cache) > 200 else None  # UCF-101: minutes, once
+    for i, path in enumerate(paths):
         stat = path.stat()
         key, stamp = str(path.relative_to(root)), [stat.st_size, stat.st_mtime_ns]
         if not (isinstance(cache.get(key), list) and len(cache[key]) == 3 and cache[key][:2] == stamp):
@@ -318,6 +319,10 @@ def probe_all(root, paths):
                 cache[key] = stamp + [str(error)]
             changed = True
         result[path] = cache[key][2]
+        if progress:
+            progress.advance(f"probing video {i + 1}/{len(paths)} under {root} once (cached in {CACHE_DIR})")
+    if progress:
+        progress.close()
     # Written atomically (temp file + rename) since several ranks may build the dataset at once; the cache is only a
     # speed-up, so a read-only home directory just means probing again.
     if changed:
@@ -624,3 +629,44 @@ def save_latent_images(prefix, planes, scale=None):
         gray = to_uint8(plane[None].expand(3, -1, -1, -1))              # (C, a, b, 3): one image per channel
         iio.imwrite(f"{prefix}_{name}.png", tile([gray], scale, gap=max(1, scale // 2),
                                                  background=(200, 40, 40)))  # red gaps: no latent value
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress lines for long work: probing, encoding, sampling, scoring
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A status line on stderr with time spent and left for `total` units of work: on a terminal, rewritten in place;
+    in a log or a pipe, a plain line every `every` seconds or tenth of the work, and at the end."""
+
+    def __init__(self, total, stream=None, every=10.0):
+        self.stream = stream or sys.stderr
+        self.total, self.every, self.tty = total, every, self.stream.isatty()
+        self.done, self.start = 0, time.time()
+        self.shown_at, self.shown_done = self.start, 0  # when, and after how much work, a plain line was last written
+
+    def advance(self, status, n=1):
+        """n more units done; `status` says where we are."""
+        self.done += n
+        now = time.time()
+        left = (now - self.start) / self.done * (self.total - self.done)
+        line = f"{status} | {fmt_time(now - self.start)} elapsed, ~{fmt_time(left)} left"
+        if self.tty:
+            self.stream.write(f"\r{line} ")
+        elif (now - self.shown_at >= self.every or self.done - self.shown_done >= self.total / 10
+              or self.done >= self.total):
+            self.stream.write(line + "\n")
+            self.shown_at, self.shown_done = now, self.done
+        self.stream.flush()
+
+    def close(self):
+        """Ends the rewritten line, so what is printed next starts on a line of its own."""
+        if self.tty and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def fmt_time(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"

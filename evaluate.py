@@ -41,8 +41,9 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import DataError, join_images, make_dataset, tile, to_uint8, write_video, DATASETS, SHEET_PIXELS, SPLITS
-from runtime import (Progress, add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
+from data import (DataError, Progress, join_images, make_dataset, tile, to_uint8, write_video, DATASETS, SHEET_PIXELS,
+                  SPLITS)
+from runtime import (add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
                      load_diffusion, load_file, non_negative_int, num_shapes_option, positive_int, resolve_device,
                      run_cleanly, save_checkpoint, trained_num_shapes)
 

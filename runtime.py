@@ -15,7 +15,6 @@ import pickle
 import re
 import shlex
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -28,7 +27,6 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import pvdm
@@ -87,15 +85,14 @@ def autocast(device, precision):
 
 
 def new_scaler(device, args, state=None, path=None):
-    """fp16's loss scaler (a no-op in other precisions), continuing the `state` (scale, steps since the last
-    overflow) the checkpoint at `path` saved, so a resumed fp16 run scales its loss as one that never stopped."""
+    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved on resume."""
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if state and scaler.is_enabled():
         rebuilt(path, lambda: scaler.load_state_dict(state))
     return scaler
 
 # ----------------------------------------------------------------------------------------------
-# Batches and the learning rate
+# Batches, the learning rate, logging
 # ----------------------------------------------------------------------------------------------
 
 
@@ -134,10 +131,6 @@ def learning_rate(step, args):
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-# ----------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------
-
 
 def log(rank, out, text):
     """Rank 0 prints and appends to OUT/log.txt."""
@@ -151,37 +144,29 @@ class TrainingMeter:
     """The log line's throughput and peak GPU memory, and once, a few steps in, the projected time to --steps."""
 
     def __init__(self, device, step, args, say):
-        self.device, self.start, self.step0, self.global_batch = device, time.time(), step, args.batch_size
-        self.total, self.say, self.first, self.said = args.steps, say, None, False  # first: (step, time) at step 1
-        self.hint = ("; the paper preset on a CPU takes days: --preset tiny trains a small model in minutes"
-                     if device.type == "cpu" and args.preset == "paper" else "")
+        self.device, self.args, self.say, self.start, self.step0 = device, args, say, time.time(), step
+        self.first, self.said = None, False  # first: (step, time) at the end of the first step
 
     def line(self, step):
-        rate = (step - self.step0) * self.global_batch / (time.time() - self.start)
-        mem = ""
-        if self.device.type == "cuda":
-            mem = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
-        return f"{rate:.1f} clips/s{mem}"
+        rate = (step - self.step0) * self.args.batch_size / (time.time() - self.start)
+        if self.device.type != "cuda":
+            return f"{rate:.1f} clips/s"
+        return f"{rate:.1f} clips/s | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
 
     def project(self, step):
         """Says once, after 5 steps or 30 s (timed from the end of the first step, so start-up does not count),
         how long the run will take to reach --steps at this pace."""
-        if self.first is None:
-            self.first = (step, time.time())
+        self.first = self.first or (step, time.time())
+        done, spent, total = step - self.first[0], time.time() - self.first[1], self.args.steps
+        if self.said or not (done >= 5 or done and spent >= 30) or step >= total:
             return
-        done, spent = step - self.first[0], time.time() - self.first[1]
-        if self.said or not (done >= 5 or done and spent >= 30) or step >= self.total:
-            return
-        left = spent / done * (self.total - step)
+        left, self.said = spent / done * (total - step), True
         days = f" ({left / 86400:.1f} days)" if left >= 86400 else ""
-        self.say(f"projected: {fmt_time(left)}{days} more to step {self.total}, at {spent / done:.2f} s per "
-                 f"step{self.hint}")
-        self.said = True
+        hint = ("; the paper preset on a CPU takes days: --preset tiny trains a small model in minutes"
+                if self.device.type == "cpu" and self.args.preset == "paper" else "")
+        self.say(f"projected: {data.fmt_time(left)}{days} more to step {total}, at {spent / done:.2f} s per step"
+                 + hint)
 
-
-def fmt_time(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: self-describing, plain types, written atomically
@@ -299,18 +284,17 @@ def resolve_device(name):
     return device
 
 
-def add_data_args(parser):
+def add_data_args(p):
     """The data flags shared by the training and evaluation scripts."""
-    parser.add_argument("--data", default="synthetic", choices=data.DATASETS,
-                        help=f"synthetic needs no download, footage needs `{data.FOOTAGE_INSTALL}`; the others read "
-                             "--data-dir")
-    parser.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
-    parser.add_argument("--split", default="train", choices=data.SPLITS)
-    parser.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--num-shapes", type=int_in(1, 8),
-                        help="synthetic data only: shapes per video (default 1; 2 is a harder set)")
-    return parser
+    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="synthetic needs no download, footage "
+                   f"needs `{data.FOOTAGE_INSTALL}`; the others read --data-dir")
+    p.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
+    p.add_argument("--split", default="train", choices=data.SPLITS)
+    p.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    p.add_argument("--num-shapes", type=int_in(1, 8), help="synthetic data only: shapes per video (default 1; 2 is a "
+                   "harder set)")
+    return p
 
 
 LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, which the tiny presets are sized for
@@ -344,8 +328,9 @@ def add_common_args(p, out, steps, batch_size):
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in backward: less memory, more time")
     p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--start-over", action="store_true",
+    either = p.add_mutually_exclusive_group()
+    either.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    either.add_argument("--start-over", action="store_true",
                    help="train afresh although --out holds a checkpoint; the old one is kept beside it, renamed")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--log-every", type=positive_int, default=50)
@@ -366,9 +351,8 @@ def fail(message, distributed=False):
 
 def check_fits(args, device, world, build):
     """The paper preset, before training allocates: the memory a training step needs on this rank, estimated on fake
-    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward), and the time
-    to --steps at this machine's matmul speed. Memory that is not there is one line naming the flag that fits, not a
-    kernel's kill minutes later; a CPU that has it hears the cost and trains. build(batch) -> (model, its loss)."""
+    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward). Memory that is
+    not there is one line naming the flag that fits, not a kernel's kill minutes later. build(batch): (model, loss)."""
     if args.preset != "paper":
         return
     kept = {}  # storage -> bytes of every tensor saved for backward
@@ -376,23 +360,17 @@ def check_fits(args, device, world, build):
     def keep(t):
         kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
-    with FakeTensorMode(), FlopCounterMode(display=False) as flops, autocast("cpu", args.precision):
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model, loss = build(args.batch_size // world)
+    with FakeTensorMode(), autocast("cpu", args.precision), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model, loss = build(args.batch_size // world)
         loss.backward()
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
-    if need <= free and device.type == "cuda":
-        return
-    days = flops.get_total_flops() * args.steps / matmul_speed(device) / 86400
-    needs = (f"the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
-             f"{args.batch_size // world} and at least {days:.1f} days to --steps {args.steps} here")
-    if need <= free:  # a CPU with the memory: it runs, after saying what it costs
-        return print(f"note: {needs}; --preset tiny trains a small model in minutes on a CPU.", file=sys.stderr)
-    fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
-           "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-    raise SystemExit(f"error: {needs}, but this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
+    if need > free:
+        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
+               "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
+        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
+                         f"{args.batch_size // world}, but this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
 
 
 def free_ram():
@@ -401,17 +379,6 @@ def free_ram():
         with open("/proc/meminfo") as f:
             return 1024 * int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def matmul_speed(device, n=1024, calls=4):
-    """FLOP/s of this device on a square matmul: an upper bound on what training reaches."""
-    a = torch.randn(n, n, device=device)
-    (a @ a).sum().item()
-    start = time.perf_counter()
-    for _ in range(calls):
-        b = a @ a
-    b.sum().item()  # waits for the GPU
-    return calls * 2 * n**3 / (time.perf_counter() - start)
 
 
 def nonfinite(tree):
@@ -453,8 +420,7 @@ def say_if_done(rank, args, ckpt_path, step):
 
 
 def rng_states(device, world):
-    """Every rank's random state (CPU and GPU), for the checkpoint: a resumed run draws the same noise as one that
-    never stopped. Called on all ranks."""
+    """Every rank's random state (CPU and GPU), for the checkpoint: a resumed run draws the noise of an unbroken one."""
     state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
     states = [state] * world
     if world > 1:
@@ -463,8 +429,7 @@ def rng_states(device, world):
 
 
 def restore_rng(states, rank, device, path):
-    """Continue the random streams the checkpoint at `path` saved; one from another number of ranks keeps the fresh
-    seed, and a damaged entry is one line."""
+    """Continue the random streams the checkpoint at `path` saved (unless it had another number of ranks)."""
     def restore():
         torch.set_rng_state(states[rank][0])
         if device.type == "cuda" and len(states[rank]) > 1:
@@ -567,46 +532,8 @@ def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
 
 
 def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model learnt; None for real data. Checkpoints from
-    before --num-shapes record none, and were trained on two, the default then."""
-    if "num_shapes" in ckpt:
-        return ckpt["num_shapes"]
-    return 2 if ckpt.get("args", {}).get("data") == "synthetic" else None
-
-# ----------------------------------------------------------------------------------------------
-# Progress lines for long work
-# ----------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A status line on stderr with time spent and left for `total` units of work: on a terminal, rewritten in place;
-    in a log or a pipe, a plain line every `every` seconds or tenth of the work, and at the end."""
-
-    def __init__(self, total, stream=None, every=10.0):
-        self.stream = stream or sys.stderr
-        self.total, self.every, self.tty = total, every, self.stream.isatty()
-        self.done, self.start = 0, time.time()
-        self.shown_at, self.shown_done = self.start, 0  # when, and after how much work, a plain line was last written
-
-    def advance(self, status, n=1):
-        """n more units done; `status` says where we are."""
-        self.done += n
-        now = time.time()
-        left = (now - self.start) / self.done * (self.total - self.done)
-        line = f"{status} | {fmt_time(now - self.start)} elapsed, ~{fmt_time(left)} left"
-        if self.tty:
-            self.stream.write(f"\r{line} ")
-        elif (now - self.shown_at >= self.every or self.done - self.shown_done >= self.total / 10
-              or self.done >= self.total):
-            self.stream.write(line + "\n")
-            self.shown_at, self.shown_done = now, self.done
-        self.stream.flush()
-
-    def close(self):
-        """Ends the rewritten line, so what is printed next starts on a line of its own."""
-        if self.tty and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
+    """Shapes per video of the synthetic clips a checkpoint's model learnt (None: real data; none recorded: two)."""
+    return ckpt.get("num_shapes", 2 if ckpt.get("args", {}).get("data") == "synthetic" else None)
 
 # ----------------------------------------------------------------------------------------------
 # The output folder: one run at a time, nothing trained overwritten, no stale temporary files
@@ -622,81 +549,80 @@ def make_out_dir(out):
                          "path.") from None
 
 
-def pid_alive(pid):
-    """Whether process `pid` runs on this machine (Windows cannot be asked without risk: there, assume it does)."""
-    if pid <= 0 or os.name == "nt":
-        return pid > 0
-    try:
-        os.kill(pid, 0)  # signal 0 only asks; a PermissionError means it exists, run by another user
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+def lock_exclusively(fd):
+    """The kernel's lock on an open file, held while this process lives and dropped as it ends (kill -9 too); an
+    OSError when another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-HOST = socket.gethostname()
-
-
-def our_lock_text():
-    """What this process writes in run.lock, and looks for before removing it."""
-    return f"pvdm run {os.getpid()}@{HOST}"
-
-
-LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@(\S+))?", re.ASCII)  # 'pvdm run PID@HOST', or an older bare pid
+LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@\S+)?", re.ASCII)  # 'pvdm run PID', or an older lock's text
+HELD = {}  # run.lock path -> its locked descriptor: main() called twice in one process (a notebook) takes it again
 
 
 def take_lock(out):
-    """One run per folder: OUT/run.lock names the run using it (pid and host), created atomically (O_CREAT | O_EXCL),
-    removed at exit. A lock of this host whose process is gone (a killed run) is stale and taken over, so kill -9
-    never leaves the folder stuck; a lock of another host, or one this project did not write, is never removed."""
-    lock, clear = os.path.join(out, "run.lock"), f"if no run uses {out}, delete it, or pass another --out"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                info = os.lstat(lock)
-                if not S_ISREG(info.st_mode):  # a FIFO or a folder: reading it could hang, so it is never opened
-                    raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
-                text = open(lock, "rb").read(200).decode("ascii", "replace").strip()
-            except FileNotFoundError:
-                continue  # released meanwhile
-            found = LOCK_TEXT.fullmatch(text)
-            if not found and time.time() - info.st_mtime >= 10:  # not one being written just now
-                raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
-            pid, host = (int(found[1]), found[2] or HOST) if found else (None, HOST)
-            if not found or host != HOST or pid != os.getpid() and pid_alive(pid):
-                who = f"pid {pid or 'unknown'}" + (f" on host {host}" if host != HOST else "")
-                raise SystemExit(f"error: another run ({who}) is using {out}; wait for it to finish, or pass another "
-                                 f"--out (if no such run exists, delete {lock}).")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)  # stale: its run is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(our_lock_text())
-        atexit.register(release_lock, lock)
+    """One run per folder: an exclusive kernel lock on OUT/run.lock, held until this process ends, so a killed run
+    never leaves the folder stuck. The file names the run's pid, for the message a second run gets, and is removed at
+    exit; a run.lock this project did not write is never overwritten."""
+    lock = os.path.realpath(os.path.join(out, "run.lock"))
+    clear = f"if no run uses {out}, delete it, or pass another --out"
+    if lock in HELD:
         return
-    raise SystemExit(f"error: could not take {lock}; another run is starting on {out}: pass another --out.")
+    while True:
+        if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # a FIFO or a folder: never opened
+            raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+        try:
+            lock_exclusively(fd)
+        except OSError:
+            found = LOCK_TEXT.fullmatch(read_text(fd))
+            os.close(fd)
+            raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) is using {out}; wait for "
+                             f"it to finish, or pass another --out (if no such run exists, delete {lock}).") from None
+        if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+            break
+        os.close(fd)  # its run removed that file as it ended: lock the new one
+    text = read_text(fd)
+    if text and not LOCK_TEXT.fullmatch(text):
+        os.close(fd)
+        raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"pvdm run {os.getpid()}".encode())
+    HELD[lock] = fd
+    atexit.register(release_lock, lock)
+
+
+def read_text(fd):
+    """The start of an open file as text ('' where it cannot be read: Windows refuses a locked byte)."""
+    with contextlib.suppress(OSError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 200).decode("ascii", "replace").strip()
+    return ""
 
 
 def release_lock(lock):
+    """Remove run.lock while still holding it, then let it go."""
+    fd = HELD.pop(lock)
     with contextlib.suppress(OSError):
-        if S_ISREG(os.lstat(lock).st_mode) and open(lock).read() == our_lock_text():
+        if os.path.samestat(os.fstat(fd), os.stat(lock)):  # not a newer run's, should a user have deleted ours
             os.remove(lock)
+    os.close(fd)
 
 
-def temporary(path, pid=None):
-    """Where save_checkpoint writes first: marker, host and pid in the name, so only our own leftovers are removed."""
-    return f"{path}.pvdm-tmp.{HOST}.{pid or os.getpid()}"
+def temporary(path):
+    """Where save_checkpoint writes first: a marker and the pid in the name, so only our own leftovers are removed."""
+    return f"{path}.pvdm-tmp.{os.getpid()}"
 
 
 def remove_stale_temporaries(out):
-    """Temporary files of saves that died half-way on this host: nothing else removes them."""
-    ours = re.compile(rf".+\.pvdm-tmp\.{re.escape(HOST)}\.(\d{{1,9}})", re.ASCII)
+    """Temporary files of saves that died half-way: in a folder this run has locked, no other run writes."""
     for name in os.listdir(out):
-        found = ours.fullmatch(name)
-        if found and (int(found[1]) == os.getpid() or not pid_alive(int(found[1]))):
+        if re.fullmatch(r".+\.pvdm-tmp\.\d{1,9}", name, re.ASCII):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, name))
 
@@ -708,9 +634,6 @@ def prepare_out(args, name, rank, world):
     path, message = os.path.join(args.out, name), None
     if rank == 0:
         try:
-            if args.resume and args.start_over:
-                raise SystemExit("error: --resume continues the checkpoint in --out and --start-over sets it aside; "
-                                 "pass one.")
             make_out_dir(args.out)
             take_lock(args.out)
             remove_stale_temporaries(args.out)

@@ -21,9 +21,8 @@ import torch
 
 import data
 import pvdm
-from runtime import (Progress, autocast, device_name, finite_float, float_in, fmt_time, int_in,
-                     load_diffusion, make_out_dir, non_negative_int, positive_int, resolve_device,
-                     run_cleanly, take_lock)
+from runtime import (autocast, device_name, finite_float, float_in, int_in, load_diffusion, make_out_dir,
+                     non_negative_int, positive_int, resolve_device, run_cleanly, take_lock)
 
 
 class Continuity:
@@ -207,7 +206,7 @@ def main(argv=None):
 
     # batch by batch; each batch has its own seeded generator so the result does not depend on timing
     batches = [names[i:i + args.batch_size] for i in range(0, len(names), args.batch_size)]
-    progress, continuity = Progress(len(batches) * n_clips * steps), Continuity()
+    progress, continuity = data.Progress(len(batches) * n_clips * steps), Continuity()
     with autocast(device, args.precision):
         for b, batch in enumerate(batches):
             videos = f"videos {b * args.batch_size + 1}-{b * args.batch_size + len(batch)} of {len(names)}"
@@ -219,7 +218,7 @@ def main(argv=None):
         save_overview(args.out, names)
     elapsed = time.time() - progress.start
     print(f"wrote {len(names)} video(s) of {args.frames} frames at {autoencoder.cfg.resolution}x"
-          f"{autoencoder.cfg.resolution} to {args.out}/ in {fmt_time(elapsed)} "
+          f"{autoencoder.cfg.resolution} to {args.out}/ in {data.fmt_time(elapsed)} "
           f"({elapsed / (len(names) * n_clips):.2f} s per clip per video)", file=sys.stderr)
     change = continuity.means()
     if change["across"] is not None:

@@ -178,11 +178,11 @@ def main(argv=None):
             gan_on = disc is not None and step >= args.gan_start
             if gan_on:
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
-        lr = runtime.learning_rate(step, args)  # warm-up, then cosine (or constant)
-        for group in opt.param_groups:
-            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
+        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
+        for group in opt.param_groups:
+            group["lr"] = lr
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
         scaler.update()
         if gan_on:  # the discriminator's own step, on detached reconstructions, at the constant --lr

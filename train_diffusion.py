@@ -101,7 +101,7 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
               **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
     if rank == 0 and not os.path.exists(path):
         subset = torch.utils.data.Subset(dataset, range(source["videos"]))
-        prev, nxt, flags, progress = [], [], [], runtime.Progress(len(subset))
+        prev, nxt, flags, progress = [], [], [], data.Progress(len(subset))
         for window, has_prev in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
