@@ -1,7 +1,8 @@
 """Video in and out for PVDM: clips from a synthetic default, UCF-101, SkyTimelapse, any folder of videos or real
-footage that pip installs; mp4 and gif files, contact sheets and latent-plane pictures written with imageio. Every
-dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels, frames, height, width), made of T
-consecutive frames (every `frame_stride`-th) from a random start, the short side resized and centre cropped to R.
+footage that pip installs; mp4 and gif files, contact sheets and latent-plane pictures written with imageio; the
+progress line long loops print. Every dataset yields float32 clips of shape (3, T, R, R) in [-1, 1] (channels,
+frames, height, width), made of T consecutive frames (every `frame_stride`-th) from a random start, the short side
+resized and centre cropped to R.
 With `pairs=True` it yields windows of 2T frames and a has-condition flag instead, for PVDM's joint conditional
 training (paper section 3.3). The random start is a pure function of (seed, epoch, index), so a run gives the same
 clips whatever the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.

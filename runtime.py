@@ -3,7 +3,7 @@ The run plumbing the scripts share, so each script stays one linear story. A mod
 
 Read the first part: set-up (device, DDP, precision), batches and the learning rate, logging, checkpoints. A first
 reading can stop at the line that says so; what follows it keeps runs safe (flag checks, memory and NaN checks,
-exact resumption, safe loading, progress lines, the output folder's lock) and can be skipped.
+exact resumption, safe loading, the output folder's lock) and can be skipped.
 """
 import argparse
 import atexit
