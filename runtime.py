@@ -568,7 +568,7 @@ def take_lock(out):
     """One run per folder: an exclusive kernel lock on OUT/run.lock, held until this process ends, so a killed run
     never leaves the folder stuck. The file names the run's pid, for the message a second run gets, and is removed at
     exit; a run.lock this project did not write is never overwritten."""
-    lock = os.path.realpath(os.path.join(out, "run.lock"))
+    lock = os.path.join(os.path.realpath(out), "run.lock")  # one key per folder for HELD, however it is named
     clear = f"if no run uses {out}, delete it, or pass another --out"
     if lock in HELD:
         return
@@ -582,7 +582,7 @@ def take_lock(out):
             found = LOCK_TEXT.fullmatch(read_text(fd))
             os.close(fd)
             raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) is using {out}; wait for "
-                             f"it to finish, or pass another --out (if no such run exists, delete {lock}).") from None
+                             "it to finish, or pass another --out.") from None
         if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
             break
         os.close(fd)  # its run removed that file as it ended: lock the new one

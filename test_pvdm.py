@@ -1857,6 +1857,10 @@ def test_only_this_projects_own_leftovers_are_removed_and_a_foreign_lock_is_kept
     with pytest.raises(SystemExit, match="run.lock is not a regular file; if no run uses"):
         runtime.prepare_out(args, "autoencoder.pt", 0, 1)
     lock.unlink()
+    lock.symlink_to(tmp_path / "draft.tmp999999")  # locking would write the user's file it points to
+    with pytest.raises(SystemExit, match="run.lock is not a regular file"):
+        runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+    lock.unlink()
     lock.write_text("pvdm run 123@elsewhere")  # an older version's lock, which no process holds
     with released_at_end():
         runtime.prepare_out(args, "autoencoder.pt", 0, 1)
