@@ -1,9 +1,6 @@
-"""
-The run plumbing the scripts share, so each script stays one linear story. A module, not a script.
-
-Read the first part: set-up (device, DDP, precision), batches and the learning rate, logging, checkpoints. A first
-reading can stop at the line that says so; what follows it keeps runs safe (flag checks, memory and NaN checks,
-exact resumption, safe loading, the output folder's lock) and can be skipped.
+"""The run plumbing the scripts share, so each script stays one linear story. Read the first part: set-up (device,
+DDP, precision), batches and the learning rate, logging, checkpoints. A first reading can stop at the line that says
+so; what follows keeps runs safe (flag checks, memory and NaN checks, exact resumption, safe loading, the folder lock).
 """
 import argparse
 import atexit
@@ -179,7 +176,7 @@ def save_checkpoint(obj, path):
     bad = nonfinite(obj)
     if bad is not None:
         raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
-    tmp = temporary(path)
+    tmp = f"{path}.pvdm-tmp.{os.getpid()}"  # the marker remove_stale_temporaries looks for
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -240,10 +237,8 @@ def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=Fals
     """An argparse type: a finite int or float from low to high (an end left out when open_*); a value it refuses
     gets the allowed range in the message."""
     name = "whole number" if kind is int else "finite number"
-    if kind is int:
-        allowed = f"from {low} to {high}" if high < math.inf else f">= {low}"
-    else:
-        allowed = "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]")
+    allowed = ((f"from {low} to {high}" if high < math.inf else f">= {low}") if kind is int else
+               "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]"))
 
     def parse(text):
         try:
@@ -550,79 +545,84 @@ def make_out_dir(out):
 
 
 def lock_exclusively(fd):
-    """The kernel's lock on an open file, held while this process lives and dropped as it ends (kill -9 too); an
-    OSError when another process holds it."""
-    if os.name == "nt":
-        import msvcrt
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    """The kernel's lock on an open file, this process's alone (not its forked workers') to its end; False if taken."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            os.lseek(fd, 1 << 20, os.SEEK_SET)  # lock a byte past the text, so others can still read the pid
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # closing any descriptor of the file would drop it: see HELD
+        return True
+    except (BlockingIOError, PermissionError):  # held: EWOULDBLOCK on POSIX, EACCES on Windows
+        return False
 
 
-LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,9})(?:@\S+)?", re.ASCII)  # 'pvdm run PID', or an older lock's text
-HELD = {}  # run.lock path -> its locked descriptor: main() called twice in one process (a notebook) takes it again
+LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,10})(?:@\S+)?", re.ASCII)  # 'pvdm run PID', or an older lock's text
+HELD = {}  # run.lock path -> its locked descriptor, the only one this process ever opens on it
 
 
 def take_lock(out):
     """One run per folder: an exclusive kernel lock on OUT/run.lock, held until this process ends, so a killed run
     never leaves the folder stuck. The file names the run's pid, for the message a second run gets, and is removed at
-    exit; a run.lock this project did not write is never overwritten."""
+    exit; a run.lock this project did not write is never overwritten, a link or special file never opened."""
     lock = os.path.join(os.path.realpath(out), "run.lock")  # one key per folder for HELD, however it is named
-    clear = f"if no run uses {out}, delete it, or pass another --out"
-    if lock in HELD:
-        return
+    clear = f"if no run uses {out}, delete {lock}, or pass another --out"
+    if lock in HELD and os.path.lexists(lock) and os.path.samestat(os.fstat(HELD[lock]), os.lstat(lock)):
+        return  # main() run again in this process (a notebook): it holds the lock already
     while True:
-        if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # a FIFO or a folder: never opened
-            raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+        fd = None
         try:
-            lock_exclusively(fd)
-        except OSError:
-            found = LOCK_TEXT.fullmatch(read_text(fd))
-            os.close(fd)
-            raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) is using {out}; wait for "
-                             "it to finish, or pass another --out.") from None
-        if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
-            break
-        os.close(fd)  # its run removed that file as it ended: lock the new one
+            if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # a FIFO, folder or link
+                raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+            if not lock_exclusively(fd):
+                found = LOCK_TEXT.fullmatch(read_text(fd))
+                os.close(fd)
+                raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) is using {out}; wait "
+                                 "for it to finish, or pass another --out.")
+            if os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                break
+            os.close(fd)  # its run removed that file as it ended: lock the new one
+        except FileNotFoundError:  # removed meanwhile by a run that was ending: try again
+            if fd is not None:
+                os.close(fd)
+        except OSError as error:  # no permission, or no file locks here (NFS without them, some FUSE mounts)
+            raise SystemExit(f"error: cannot lock {lock} ({error.strerror}); pass an --out you can write, on a disk "
+                             "with file locks.") from None
+    HELD[lock] = fd
+    atexit.register(release_lock, lock)
     text = read_text(fd)
     if text and not LOCK_TEXT.fullmatch(text):
-        os.close(fd)
+        os.close(HELD.pop(lock))
         raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pvdm run {os.getpid()}".encode())
-    HELD[lock] = fd
-    atexit.register(release_lock, lock)
 
 
 def read_text(fd):
-    """The start of an open file as text ('' where it cannot be read: Windows refuses a locked byte)."""
-    with contextlib.suppress(OSError):
-        os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 200).decode("ascii", "replace").strip()
-    return ""
+    """The start of an open file, as text."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode("ascii", "replace").strip()
 
 
 def release_lock(lock):
-    """Remove run.lock while still holding it, then let it go."""
-    fd = HELD.pop(lock)
-    with contextlib.suppress(OSError):
-        if os.path.samestat(os.fstat(fd), os.stat(lock)):  # not a newer run's, should a user have deleted ours
-            os.remove(lock)
-    os.close(fd)
-
-
-def temporary(path):
-    """Where save_checkpoint writes first: a marker and the pid in the name, so only our own leftovers are removed."""
-    return f"{path}.pvdm-tmp.{os.getpid()}"
+    """Remove run.lock while still holding it (unless it is no longer ours), then let it go."""
+    fd = HELD.pop(lock, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):  # Windows keeps an open file: there run.lock stays, to be taken over
+            if os.path.samestat(os.fstat(fd), os.lstat(lock)):
+                os.remove(lock)
+        os.close(fd)
 
 
 def remove_stale_temporaries(out):
-    """Temporary files of saves that died half-way: in a folder this run has locked, no other run writes."""
+    """Temporary files of saves that died half-way (older versions put the host before the pid): in a folder this run
+    has locked, no other run writes."""
     for name in os.listdir(out):
-        if re.fullmatch(r".+\.pvdm-tmp\.\d{1,9}", name, re.ASCII):
+        if re.fullmatch(r".+\.pvdm-tmp\.(?:.+\.)?\d+", name, re.ASCII):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, name))
 
@@ -641,7 +641,7 @@ def prepare_out(args, name, rank, world):
                 raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume to continue it, "
                                  "--start-over to train a new one (the old one is kept beside it, renamed), or "
                                  "another --out.")
-        except SystemExit as error:
+        except (SystemExit, OSError) as error:  # OSError: writing run.lock failed (a full disk)
             message = str(error).removeprefix("error: ")
     if world > 1:
         box = [message]

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib.util
 import io
@@ -1631,14 +1632,16 @@ def test_sample_refuses_to_replace_videos_unless_told(pair, tmp_path):
 
 def test_one_run_per_folder_and_a_killed_runs_leftovers_are_cleared(tmp_path):
     args = argparse.Namespace(out=str(tmp_path), resume=True, start_over=False)
-    holder = subprocess.Popen([sys.executable, "-c", "import runtime, sys, time; runtime.take_lock(sys.argv[1]); "
-                               "print(flush=True); time.sleep(60)", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE)
+    script = ("import os, runtime, sys, time\nruntime.take_lock(sys.argv[1])\nworker = os.fork()\n"
+              "if worker:\n    print(worker, flush=True)\ntime.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(holder.stdout.readline())  # it holds the lock now, and has forked a worker, as a DataLoader does
     try:
-        holder.stdout.readline()  # it holds the lock now
         with pytest.raises(SystemExit, match=f"another run \\(pid {holder.pid}\\) is using"):
             runtime.prepare_out(args, "autoencoder.pt", 0, 1)
     finally:
-        holder.kill()  # SIGKILL: the kernel lets its lock go, and run.lock stays behind
+        holder.kill()  # SIGKILL: the kernel lets its lock go at once, though its worker lives on; run.lock stays
         holder.wait()
     (tmp_path / f"autoencoder.pt.pvdm-tmp.{holder.pid}").write_bytes(b"half a save")
     with released_at_end():
@@ -1647,6 +1650,15 @@ def test_one_run_per_folder_and_a_killed_runs_leftovers_are_cleared(tmp_path):
         assert not list(tmp_path.glob("*tmp*"))
         runtime.take_lock(str(tmp_path))  # this process again (main() run twice in a notebook): it holds it already
     assert not (tmp_path / "run.lock").exists()
+    os.kill(worker, signal.SIGKILL)
+    with released_at_end():  # a run.lock put there by someone else meanwhile is not ours to remove
+        runtime.prepare_out(args, "autoencoder.pt", 0, 1)
+        (tmp_path / "other").write_text("pvdm run 1")
+        os.replace(tmp_path / "other", tmp_path / "run.lock")
+    assert (tmp_path / "run.lock").read_text() == "pvdm run 1"
+    with mock.patch("fcntl.lockf", side_effect=OSError(errno.ENOLCK, "No locks available")):  # NFS without locks
+        with pytest.raises(SystemExit, match="cannot lock .*No locks available.*on a disk with file locks"):
+            runtime.prepare_out(args, "autoencoder.pt", 0, 1)
 
 
 def test_kill_9_then_resume_continues_exactly(tmp_path):
@@ -1844,7 +1856,7 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path):
 def test_only_this_projects_own_leftovers_are_removed_and_a_foreign_lock_is_kept(tmp_path):
     args = argparse.Namespace(out=str(tmp_path), resume=True, start_over=False)
     users = ["draft.tmp999999", "autoencoder.pt.tmp123", "autoencoder.pt.pvdm-tmp.x"]  # a user's, an old name's
-    for name in ["autoencoder.pt.pvdm-tmp.123", *users]:
+    for name in ["autoencoder.pt.pvdm-tmp.123", "autoencoder.pt.pvdm-tmp.an.old.host.123", *users]:
         (tmp_path / name).write_text("x")
     lock = tmp_path / "run.lock"
     for text in ("9" * 40, "\u0661\u0662"):
