@@ -172,6 +172,9 @@ def main(argv=None):
         if args.augment:
             x = augment(x, args.seed, step)
         x = x.to(device, non_blocking=True)
+        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
+        for group in opt.param_groups:
+            group["lr"] = lr
         # reconstruction (plus, after --gan-start, fooling the discriminator)
         with runtime.autocast(device, args.precision):
             loss, x_hat = ddp(x)
@@ -180,9 +183,6 @@ def main(argv=None):
                 loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
-        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
-        for group in opt.param_groups:
-            group["lr"] = lr
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
         scaler.update()
         if gan_on:  # the discriminator's own step, on detached reconstructions, at the constant --lr

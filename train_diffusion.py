@@ -210,13 +210,13 @@ def main(argv=None):
             window, has_prev = next(stream)
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
             has_prev = has_prev.to(device)
+        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
+        for group in opt.param_groups:
+            group["lr"] = lr
         with runtime.autocast(device, args.precision):
             loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
-        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
-        for group in opt.param_groups:
-            group["lr"] = lr
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
         scaler.update()
         pvdm.update_ema(ema.model, unet, args.ema_decay, step)
