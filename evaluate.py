@@ -759,9 +759,9 @@ def run_continuation(args):
                "diffusion": args.diffusion, "data": described(args.data, dataset), "split": args.split}
     print(f"teacher-forced continuation of {n} real {args.split} clips: jump at the join {result['jump']:.1f} grey "
           f"levels (real videos {result['jump_real']:.1f}; the true next latent decoded "
-          f"{result['jump_true_latent']:.1f}); "
-          f"PSNR of the first {args.new_frames} new frames {result['psnr']:.2f} dB (unconditional samples "
-          f"{result['psnr_unconditional']:.2f} dB; the true next latent decoded {result['psnr_true_latent']:.2f} dB; "
+          f"{result['jump_true_latent']:.1f}); PSNR of the first {args.new_frames} new frames {result['psnr']:.2f} dB "
+          f"(unconditional samples {result['psnr_unconditional']:.2f} dB; the true next latent decoded "
+          f"{result['psnr_true_latent']:.2f} dB; "
           f"the last real frame copied {result['psnr_copy_last']:.2f} dB)")
     args.json = args.json or os.path.join(os.path.dirname(args.diffusion), "continuation.json")
     with open(args.json, "w") as f:
