@@ -461,14 +461,51 @@ def fill_holes(mask):
         outside = grown
 
 
-def shape_track(video):
-    """One video (3, T, H, W) in [-1, 1] of the synthetic world, split into background and shape per frame.
-    Returns grey levels: background (3, T), the median colour of the shape's inner pixels (3, T), their mean
-    deviation from it (T,) and the shape's centre in pixels (T, 2); NaN where a frame shows no shape."""
+def shape_mask(video):
+    """One video (3, T, H, W) in [-1, 1] of the synthetic world -> grey levels (3, T, H, W), the background's
+    colour (3, T) and the shape's mask (T, H, W): outline and everything inside it."""
     grey = (video.float() + 1) * 127.5                           # (3, T, H, W), 0-255
     background = grey.flatten(2).median(dim=2).values            # (3, T): the shape covers at most a sixth
     mask = (grey - background[..., None, None]).abs().amax(0) > SHAPE_CONTRAST  # (T, H, W)
-    shape = fill_holes(mask)                                     # (T, H, W): outline and everything inside it
+    return grey, background, fill_holes(mask)
+
+
+# A disc fills pi/4 = 0.79 of its bounding box (up to 0.94 for the smallest, drawn on a few pixels), a square all
+# of it; a square that lost its corners, or a disc drawn as a block, is read as the other kind.
+SQUARE_FILL = 0.9
+
+
+def shape_kind(mask):
+    """(T, H, W) bool -> (T,) the shape's kind per frame: 1 square, 0 circle, NaN where no shape is seen. Read from
+    the share of its bounding box the shape fills."""
+    area = mask.flatten(1).sum(1).float()                        # (T,)
+    rows, cols = mask.any(2), mask.any(1)                        # (T, H), (T, W)
+    extent = lambda m: torch.where(m.any(1), m.shape[1] - m.int().argmax(1) - m.flip(1).int().argmax(1), 0)  # (T,)
+    fill = area / (extent(rows) * extent(cols))                  # (T,): NaN where area is 0
+    return torch.where(fill.isnan(), fill, (fill > SQUARE_FILL).float())
+
+
+def outline_figures(real, recon):
+    """How well reconstructions (B, 3, T, H, W) keep the shape of real clips: per clip, the masks' mean IoU over the
+    frames, and the share of frames whose kind reads as the real clip's (the kind most of its frames read as); the
+    real frames' own agreement beside. -> {"iou", "kind", "real_kind"}, each (B,)."""
+    out = {"iou": [], "kind": [], "real_kind": []}
+    for x, y in zip(real, recon):
+        m_x, m_y = shape_mask(x)[2], shape_mask(y)[2]            # (T, H, W) each
+        union = (m_x | m_y).flatten(1).sum(1)                    # (T,)
+        out["iou"].append(((m_x & m_y).flatten(1).sum(1) / union)[union > 0].mean())
+        k_x, k_y = shape_kind(m_x), shape_kind(m_y)              # (T,) each
+        truth = k_x.nanmean().round()                            # the kind most real frames read as
+        out["kind"].append((k_y == truth).float().mean())        # a frame with no shape reads wrong
+        out["real_kind"].append((k_x == truth).float().mean())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def shape_track(video):
+    """One video (3, T, H, W) in [-1, 1] of the synthetic world, split into background and shape per frame.
+    Returns grey levels: background (3, T), the median colour of the shape's inner pixels (3, T), their mean
+    deviation from it (T,), the shape's centre in pixels (T, 2) and its kind (T,); NaN where a frame shows no shape."""
+    grey, background, shape = shape_mask(video)
     inner = shape & ~neighbours(~shape)                          # one pixel in from the anti-aliased edge
     pixels = torch.where(inner, grey, torch.nan).flatten(2)      # (3, T, H*W), NaN outside the shape
     colour = pixels.nanmedian(dim=2).values                      # (3, T)
@@ -476,13 +513,13 @@ def shape_track(video):
     ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grey.shape[2:]), indexing="ij")
     area = shape.flatten(1).sum(1).float()                       # (T,)
     centre = torch.stack([(shape * xs).flatten(1).sum(1), (shape * ys).flatten(1).sum(1)], 1) / area[:, None]
-    return background, colour, fill, centre                      # centre (T, 2): NaN where area is 0
+    return background, colour, fill, centre, shape_kind(shape)   # centre (T, 2): NaN where area is 0
 
 
 def shape_figures(video, window):
     """The per-video figures of the fidelity table, from shape_track; speeds over the first and last `window`
     frames. A shape keeps its colour, fill and speed in the renderer, so real videos score about 0 change."""
-    background, colour, fill, centre = shape_track(video)
+    background, colour, fill, centre, kind = shape_track(video)
     found = ~colour.isnan().any(0)                               # (T,) frames that show a shape
     first = colour[:, found][:, :1] if found.any() else colour[:, :1]
     speed = (centre[1:] - centre[:-1]).norm(dim=1)               # (T - 1,) pixels per frame, NaN next to no shape
@@ -490,7 +527,8 @@ def shape_figures(video, window):
             "speed_first": speed[:window - 1].nanmean().item(), "speed_last": speed[-(window - 1):].nanmean().item(),
             "fill_deviation": fill.nanmean().item(),
             "background_change": (background - background[:, :1]).abs().mean(0).mean().item(),
-            "frames_with_shape": 100 * found.float().mean().item()}, background[:, 0]
+            "frames_with_shape": 100 * found.float().mean().item(),
+            "kind_kept": 100 * (kind == kind.nanmean().round())[~kind.isnan()].float().mean().item()}, background[:, 0]
 
 
 def group_figures(videos, window):
@@ -686,6 +724,7 @@ def run_recon(args):
     # the bar to clear: naive codes (averages on a coarser grid, up-sampled back) of no more values than the latent
     sizes = pvdm.naive_code_sizes((3, cfg.frames, cfg.resolution, cfg.resolution), cfg.latent_values)
     n, sums, naive_sums, real, recon = 0, {"psnr": 0.0, "ssim": 0.0}, {size: [0.0, 0.0] for size in sizes}, [], []
+    shapes = [] if args.data == "synthetic" and dataset.num_shapes == 1 else None  # (clip, reconstruction) pairs
     args.num_clips = clips_that_fit(args.num_clips, dataset, "--num-clips")
     for x in counted(real_batches(dataset, args.num_clips, args.batch_size, args.workers, args.seed), args.num_clips,
                      "reconstructed clips"):
@@ -698,6 +737,8 @@ def run_recon(args):
             x_naive = pvdm.naive_code(x, size)
             naive_sum[0] += pvdm.psnr(x, x_naive) * len(x)
             naive_sum[1] += ssim(x, x_naive).sum().item()
+        if shapes is not None:
+            shapes.append((x.cpu(), x_hat.cpu()))
         if i3d is not None:
             real.append(i3d_logits(i3d, x))
             recon.append(i3d_logits(i3d, x_hat))
@@ -711,6 +752,17 @@ def run_recon(args):
           f"({cfg.latent_values}; area down-sampling to {'x'.join(map(str, best))} (t x h x w), trilinear "
           f"up-sampling): "
           f"PSNR {naive_sums[best][0] / n:.2f} dB, SSIM {naive_sums[best][1] / n:.4f} ({protocol})")
+    if shapes is not None:
+        print_outlines(torch.cat([x for x, _ in shapes]), torch.cat([y for _, y in shapes]), best)
+
+
+def print_outlines(real, recon, naive_size):
+    """The shape's outline in reconstructions, beside the naive code's and the real clips' own (outline_figures)."""
+    ours, naive = outline_figures(real, recon), outline_figures(real, pvdm.naive_code(real, naive_size))
+    print(f"shape outline: mask IoU with the real clip {ours['iou'].mean():.3f} (naive code {naive['iou'].mean():.3f}), "
+          f"kind (circle or square) read right in {100 * ours['kind'].mean():.1f}% of frames (naive code "
+          f"{100 * naive['kind'].mean():.1f}%, real clips {100 * ours['real_kind'].mean():.1f}%; a frame's kind: its "
+          f"mask fills more than {SQUARE_FILL} of its bounding box or not; right: as most of the real clip's frames)")
 
 
 @torch.no_grad()
@@ -778,6 +830,7 @@ FIDELITY_ROWS = {  # figure: what the table calls it
     "background_change": "background change from frame 1",
     "background_spread": "background spread across videos",
     "frames_with_shape": "frames showing a shape (%)",
+    "kind_kept": "of those, frames of the video's usual kind (%)",
 }
 
 
