@@ -5,7 +5,7 @@ Read this file top to bottom; it is built bottom-up:
   1. helpers            sinusoidal embeddings, packing planes, weight averaging, PSNR, naive codes, fingerprints
   2. attention blocks   the transformer pieces the autoencoder is made of
   3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
-  4. discriminator      a 3D PatchGAN for the autoencoder's adversarial phase
+  4. discriminators     3D and 2D PatchGANs for the autoencoder's adversarial phase
   5. UNet blocks        ResBlock, 2D attention, cross-plane attention
   6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
   7. diffusion          DDPM/DDIM with joint (un)conditional training                 (paper section 3.3)
@@ -113,7 +113,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
         q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D/heads)
         return self.proj(rearrange(out, "n h l d -> n l (h d)"))  # (N, L, D)
@@ -131,7 +136,12 @@ class TransformerBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def forward(self, x):
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -146,7 +156,12 @@ class SpaceTimeBlock(nn.Module):
         self.norm_s, self.attn_s = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm_m, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def forward(self, x):
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
         b, h = x.shape[0], x.shape[2]  # x (B, T, h, w, D)
         xt = rearrange(x, "b t h w d -> (b h w) t d")  # sequences along time
         xt = xt + self.attn_t(self.norm_t(xt))
@@ -221,7 +236,13 @@ class ProjectedAutoencoder(nn.Module):
         self.dec_pos_t, self.dec_pos_s = nn.Parameter(torch.zeros(T, 1, 1, d)), nn.Parameter(torch.zeros(h, w, d))
         self.decoder = nn.ModuleList(SpaceTimeBlock(d, cfg.heads) for _ in range(cfg.depth))
         self.dec_norm = nn.LayerNorm(d)
-        self.to_pixels = nn.Linear(d, p * p * cfg.channels)
+        # Un-patchify: each token to a p x p patch of pixels, plus (with cfg.pixel_head = k > 0, this project's) k
+        # features per pixel that two 3x3 convolutions turn into a correction of the frame, so neighbouring patches
+        # meet and an outline can cross a patch border; the paper's linear un-patchify draws each patch on its own.
+        self.to_pixels = nn.Linear(d, p * p * (cfg.channels + cfg.pixel_head))
+        self.pixel_head = nn.Sequential(
+            nn.Conv2d(cfg.pixel_head, cfg.pixel_head, 3, padding=1), nn.GELU(),
+            nn.Conv2d(cfg.pixel_head, cfg.channels, 3, padding=1)) if cfg.pixel_head else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -233,6 +254,9 @@ class ProjectedAutoencoder(nn.Module):
         for name, param in self.named_parameters():
             if "pos" in name or "summary" in name:
                 nn.init.normal_(param, std=0.02)
+        if self.pixel_head is not None:  # the correction starts at zero: training begins from the paper's decoder
+            nn.init.zeros_(self.pixel_head[-1].weight)
+            nn.init.zeros_(self.pixel_head[-1].bias)
 
     def encode(self, x):
         """(B, 3, T, H, W) -> z_s (B, C, h, w), z_h (B, C, T, w), z_w (B, C, T, h), all in [-1, 1]."""
@@ -259,46 +283,84 @@ class ProjectedAutoencoder(nn.Module):
         tokens = rearrange(volume, "b d t h w -> b t h w d") + self.dec_pos_t + self.dec_pos_s
         tokens = self.dec_norm(run_blocks(self.decoder, tokens, self.use_checkpoint))  # (B, T, h, w, D)
         p = self.cfg.patch
-        pixels = self.to_pixels(tokens)  # (B, T, h, w, p*p*3): one patch of pixels per token
-        return rearrange(pixels, "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)  # (B, 3, T, H, W)
+        pixels = self.to_pixels(tokens)  # (B, T, h, w, p*p*(3 + k)): one patch of pixels (and features) per token
+        video = rearrange(pixels, "b t h w (p q c) -> b c t (h p) (w q)", p=p, q=p)  # (B, 3 + k, T, H, W)
+        if self.pixel_head is None:
+            return video
+        rgb, features = video.split([self.cfg.channels, self.cfg.pixel_head], dim=1)  # (B, 3, ...), (B, k, ...)
+        correction = self.pixel_head(rearrange(features, "b c t y x -> (b t) c y x"))  # (B*T, 3, H, W)
+        return rgb + rearrange(correction, "(b t) c y x -> b c t y x", t=tokens.shape[1])  # (B, 3, T, H, W)
 
     @property
     def use_checkpoint(self):
         return self.cfg.grad_checkpointing and self.training
 
-    def forward(self, x):
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
         the decoder learns from planes with Gaussian noise added: the encoder must then keep what it encodes
         further apart than the noise, and stage 2 samples such latents in steadier colours; the decoder learns to
         read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness."""
         planes = self.encode(x)
-        if self.training and self.cfg.latent_noise > 0:
-            planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]
+        if noisy and self.training and self.cfg.latent_noise > 0:
+            std = self.cfg.latent_noise * (torch.rand(x.shape[0], 1, 1, 1, device=x.device)
+                                           if self.cfg.noise_draw == "uniform" else 1.0)
+            planes = [z + std * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
         return loss, x_hat
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. 3D PatchGAN discriminator (the autoencoder's adversarial phase)
+# 4. PatchGAN discriminators (the autoencoder's adversarial phase)
 # ----------------------------------------------------------------------------------------------
 
 
-class Discriminator3D(nn.Module):
-    """Each output logit judges one space-time patch of the clip as real or reconstructed."""
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN (pix2pix): each output logit judges one patch of its input as real or reconstructed; dims 3 judges
+    space-time patches of a clip (B, 3, T, H, W), dims 2 patches of a frame (B, 3, H, W). Returns every stage's
+    activations, logits last: the earlier ones serve feature matching."""
 
-    def __init__(self, channels=3, width=64, layers=3):
+    def __init__(self, dims=3, channels=3, width=64, layers=3):
         super().__init__()
-        body, c = [nn.Conv3d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], width
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        stages, c = [nn.Sequential(conv(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2))], width
         for _ in range(layers - 1):
-            body += [nn.Conv3d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(32, 2 * c), nn.LeakyReLU(0.2)]
+            stages.append(nn.Sequential(conv(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(32, 2 * c),
+                                        nn.LeakyReLU(0.2)))
             c *= 2
-        body.append(nn.Conv3d(c, 1, 3, padding=1))
-        self.net = nn.Sequential(*body)
+        stages.append(conv(c, 1, 3, padding=1))
+        self.stages = nn.ModuleList(stages)
 
-    def forward(self, x):
-        return self.net(x)  # (B, 1, T / 2^layers, H / 2^layers, W / 2^layers) logits
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
+        activations = []
+        for stage in self.stages:
+            x = stage(x)
+            activations.append(x)
+        return activations  # the last: (B, 1, ...) logits, the input's size over 2^(layers)
+
+
+class Discriminators(nn.Module):
+    """The official PVDM code's pair: a 3D PatchGAN on the clip and a 2D one on one frame of it, picked per clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.video, self.frame = PatchDiscriminator(dims=3), PatchDiscriminator(dims=2)
+
+    def forward(self, x, frame_ids):
+        """x (B, 3, T, H, W), frame_ids (B,) -> the activations of both: [video's, frame's]."""
+        frames = x[torch.arange(len(x), device=x.device), :, frame_ids]  # (B, 3, H, W)
+        return [self.video(x), self.frame(frames)]
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -309,6 +371,24 @@ def hinge_d_loss(logits_real, logits_fake):
 def hinge_g_loss(logits_fake):
     """Generator (autoencoder) side of the hinge game: raise the logits of its reconstructions."""
     return -logits_fake.mean()
+
+
+def adversarial_loss(fake, real, gan_weight, feature_weight):
+    """The autoencoder's loss from both discriminators' activations (Discriminators' output for its reconstructions
+    and, detached, for the real clips): the hinge term, plus feature matching: L1 between their intermediate
+    activations (pix2pixHD), which asks the reconstruction to look real to the judge in every layer, not just at
+    its verdict, and keeps the game from running away from the pixels."""
+    loss = 0.0
+    for acts_fake, acts_real in zip(fake, real):
+        loss = loss + gan_weight * hinge_g_loss(acts_fake[-1])
+        loss = loss + feature_weight * sum(F.l1_loss(f, r) for f, r in zip(acts_fake[:-1], acts_real[:-1]))
+    return loss
+
+
+def discriminator_loss(judged):
+    """Both discriminators' hinge losses, from their activations for one batch: real clips, then as many
+    reconstructions."""
+    return sum(hinge_d_loss(*acts[-1].chunk(2)) for acts in judged)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +437,12 @@ class TokenAttention(nn.Module):
 class Attention2d(TokenAttention):
     """Self-attention over the positions of one plane."""
 
-    def forward(self, x):
+    def encoder_parameters(self):
+        """The weights encode() uses: what a decoder-only phase leaves as they are."""
+        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
+        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
+
+    def forward(self, x, noisy=True):
         return super().forward(x.flatten(2)).view_as(x)  # (B, C, a*b) -> (B, C, a, b)
 
 
@@ -556,7 +641,11 @@ class GaussianDiffusion(nn.Module):
         if not self.cfg.min_snr:
             return torch.ones(t.shape, device=t.device)
         snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])  # (B,) signal-to-noise ratio alpha_bar / (1 - alpha_bar)
-        return snr.clamp(max=self.cfg.min_snr) / (snr if self.cfg.prediction == "eps" else snr + 1)
+        if self.cfg.prediction == "eps":
+            return snr.clamp(max=self.cfg.min_snr) / snr
+        if self.cfg.min_snr_plus_one:  # v's own weight SNR + 1, capped: 1 at the noisiest steps, not about SNR
+            return (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)
+        return snr.clamp(max=self.cfg.min_snr) / (snr + 1)
 
     def align(self, z_prev):
         """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
@@ -721,6 +810,8 @@ class AutoencoderConfig:
     l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
     latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
+    noise_draw: str = "fixed"
+    pixel_head: int = 0
     grad_checkpointing: bool = False
 
     def __post_init__(self):
@@ -781,6 +872,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
     overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
+    min_snr_plus_one: bool = False  # v only: Min-SNR on SNR + 1 (loss_weight), so the noisiest steps keep weight 1
     cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
 
     def __post_init__(self):

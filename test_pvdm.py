@@ -195,6 +195,34 @@ def test_latent_noise_reaches_the_decoder_in_training_only():
         torch.testing.assert_close(a, ae.decode_unclamped(ae.encode(x)))
 
 
+@pytest.mark.parametrize("pixel_head", [0, 4])
+def test_pixel_head_lets_neighbouring_patches_meet_and_starts_at_zero(pixel_head):
+    """A change to one decoder token changes only its own p x p patch through the paper's linear un-patchify; the
+    pixel head's 3x3 convolutions carry it 2 pixels into the neighbouring patches. The head's correction starts at
+    zero, so an untrained model decodes as the linear un-patchify alone."""
+    torch.manual_seed(0)
+    ae = tiny_ae(pixel_head=pixel_head)
+    planes = [torch.randn(z.shape) * 0.1 for z in ae.encode(torch.zeros(1, 3, 8, 16, 16))]
+    if pixel_head:
+        head_out = []
+        ae.pixel_head.register_forward_hook(lambda m, i, out: head_out.append(out))
+        ae.decode_unclamped(planes)
+        assert head_out[0].abs().max() == 0                      # zero-initialised correction
+        torch.nn.init.normal_(ae.pixel_head[-1].weight)           # as after training
+    base = ae.decode_unclamped(planes)
+    def nudge(module, inputs, tokens):                           # tokens (B, T, h, w, D)
+        tokens = tokens.clone()
+        tokens[0, 0, 1, 1] += 1.0                                # frame 0, the token of patch row 1, column 1
+        return tokens
+    ae.dec_norm.register_forward_hook(nudge)
+    moved = (ae.decode_unclamped(planes) - base).abs().amax(dim=(0, 1))[0] > 1e-6  # (16, 16) frame 0
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:8, 4:8] = True                                      # the token's own patch (p = 4)
+    assert moved[inside].all()
+    assert moved[~inside].any() == bool(pixel_head)
+    assert not moved[:2].any() and not moved[10:].any()           # two 3x3 convolutions reach 2 pixels further
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = tiny_ae()
@@ -214,10 +242,19 @@ def test_bad_sizes_are_refused_with_a_reason():
         pvdm.AutoencoderConfig(frames=1)
 
 
-def test_discriminator_and_hinge_losses():
-    disc = pvdm.Discriminator3D(width=32, layers=3)
-    logits = disc(torch.randn(2, 3, 8, 32, 32))
+def test_discriminators_and_their_losses():
+    logits = pvdm.PatchDiscriminator(width=32, layers=3)(torch.randn(2, 3, 8, 32, 32))[-1]
     assert logits.shape == (2, 1, 1, 4, 4)  # one logit per space-time patch
+    x = torch.randn(2, 3, 8, 32, 32)
+    disc = pvdm.Discriminators()
+    video, frame = disc(x, torch.tensor([3, 5]))
+    assert video[-1].shape == (2, 1, 1, 4, 4) and frame[-1].shape == (2, 1, 4, 4)
+    torch.testing.assert_close(frame[-1][1], disc.frame(x[1:2, :, 5])[-1][0])  # clip 1's frame 5
+    # feature matching is zero exactly when the reconstruction looks like the clip to the judges
+    same = disc(x, torch.tensor([3, 5]))
+    assert pvdm.adversarial_loss(same, same, 0.0, 1.0) == 0
+    assert pvdm.adversarial_loss(disc(x.flip(-1), torch.tensor([3, 5])), same, 0.0, 1.0) > 0
+    assert pvdm.discriminator_loss([[torch.cat([torch.full((2,), 1.5), torch.full((2,), -2.0)])]]) == 0
     assert pvdm.hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -2.0)) == 0  # both beyond the margin
     assert pvdm.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 2
     assert pvdm.hinge_g_loss(torch.full((4,), 3.0)) == -3
@@ -428,7 +465,8 @@ class Planted(torch.nn.Module):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
     """Min-SNR (Hang et al. 2023): a model whose z_0 estimate is off by e at timestep t pays min(SNR_t, gamma) e^2,
-    for either target; with min_snr 0 it pays the target's plain MSE. The error e is planted in the output."""
+    for either target, or min(SNR_t + 1, gamma) e^2 for v with min_snr_plus_one; with min_snr 0 it pays the target's
+    plain MSE. The error e is planted in the output."""
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
     z0 = torch.rand(1, 4, diffusion.model.cfg.num_tokens) * 2 - 1
     exact = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, prediction)
@@ -440,8 +478,11 @@ def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
         scale = math.sqrt(snr) if prediction == "eps" else math.sqrt(snr + 1)
         diffusion.model = Planted(exact, e * scale)
         with mock.patch("torch.randint", lambda *a, **k: torch.full((8,), t)):
-            for gamma, paid in ((0.0, snr if prediction == "eps" else snr + 1), (5.0, min(snr, 5.0))):
-                diffusion.cfg.min_snr = gamma
+            weights = [(0.0, False, snr if prediction == "eps" else snr + 1), (5.0, False, min(snr, 5.0))]
+            if prediction == "v":  # the noisiest steps keep weight 1 (about SNR, near 0, with plain Min-SNR)
+                weights.append((5.0, True, min(snr + 1, 5.0)))
+            for gamma, plus_one, paid in weights:
+                diffusion.cfg.min_snr, diffusion.cfg.min_snr_plus_one = gamma, plus_one
                 loss = diffusion(z0.repeat(8, 1, 1), z0.repeat(8, 1, 1), torch.ones(8, dtype=torch.bool))
                 assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma)
 
@@ -2095,12 +2136,45 @@ def test_shape_track_finds_the_rendered_shape():
     video = dataset.render(0, range(8))                          # (3, 8, 32, 32): frames 0..7 of video 0
     background, shapes = dataset.video_params(0)
     (kind, colour, radius, start, velocity), = shapes
-    bg, found_colour, fill, centre = evaluate.shape_track(video)
+    bg, found_colour, fill, centre, found_kind = evaluate.shape_track(video)
     assert torch.allclose(bg, torch.tensor(background * 255).float()[:, None].expand(3, 8), atol=1)
     assert torch.allclose(found_colour, torch.tensor(colour * 255).float()[:, None].expand(3, 8), atol=1)
-    assert fill.max() < 1
+    assert fill.max() < 1 and (found_kind == (kind == "square")).all()
     x = dataset.bounce(start[0], velocity[0], radius, np.arange(8)) * 32 - 0.5  # pixel coordinates
     assert np.allclose(centre[:, 0].numpy(), x, atol=0.5)  # a centre of whole pixels
+
+
+def test_shape_kind_reads_a_disc_as_a_circle_and_a_square_as_a_square():
+    """Rendered frames read as the kind the renderer drew, at the sizes it draws (radius 3-6 px); the smallest discs,
+    a few pixels across, now and then fill more than 0.9 of their box."""
+    dataset = make_dataset("synthetic", resolution=32, frames=16, split="test")
+    right = []
+    for i in range(32):
+        kind = dataset.video_params(i)[1][0][0]
+        read = evaluate.shape_kind(evaluate.shape_mask(dataset.render(i, range(16)))[2])  # (16,)
+        right.append((read == (kind == "square")).float().mean())
+    assert torch.stack(right).mean() > 0.98 and min(right) >= 0.8, right
+    assert evaluate.shape_kind(torch.zeros(1, 8, 8, dtype=torch.bool)).isnan().all()  # no shape: no kind
+
+
+def test_outline_figures_score_blocky_and_blurred_copies_below_the_clip():
+    """A clip against itself: IoU 1 and its kind read right; averaged on 4x4 blocks (a patch grid) or blurred, the
+    outline gets worse on both counts."""
+    clips = synthetic_clips(32)
+    same = evaluate.outline_figures(clips, clips)
+    assert same["iou"].min() == 1 and same["kind"].mean() > 0.98 and torch.equal(same["kind"], same["real_kind"])
+    blocky = F.interpolate(F.avg_pool3d(clips, (1, 4, 4)), scale_factor=(1, 4, 4))
+    blurred = pvdm.naive_code(clips, (16, 8, 8))
+    for copy in (blocky, blurred):
+        worse = evaluate.outline_figures(clips, copy)
+        assert worse["iou"].mean() < 0.9 and worse["kind"].mean() < 0.9, {k: v.mean() for k, v in worse.items()}
+
+
+def test_recon_prints_the_outline_beside_the_naive_code_and_real_clips(saved_autoencoder, capsys):
+    evaluate.main(["recon", "--autoencoder", saved_autoencoder, "--num-clips", "4", "--no-fvd", "--workers", "0"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("shape outline: mask IoU with the real clip ") and "(naive code " in line
+    assert "real clips 100.0%" in line or "real clips 9" in line
 
 
 def broken(kind, video):

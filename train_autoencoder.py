@@ -42,18 +42,28 @@ def parse_args(argv=None):
     p.add_argument("--latent-noise", type=runtime.float_in(0), default=0.0,
                    help="std of Gaussian noise added to the latent planes the decoder learns from (default: 0.3 on "
                         "synthetic data, else 0): latents stage 2 samples more faithfully, at some cost in PSNR")
+    p.add_argument("--noise-draw", choices=["fixed", "uniform"], default="fixed")
+    p.add_argument("--pixel-head", type=runtime.non_negative_int, default=0)
     p.add_argument("--gan-start", type=runtime.non_negative_int,
-                   help="step at which the 3D discriminator switches on (default: never)")
-    p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the adversarial loss (default 0.1)")
+                   help="step at which the adversarial phase begins: a 3D and a 2D PatchGAN (default: never)")
+    p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the hinge term (default 0.1)")
+    p.add_argument("--feature-weight", type=runtime.float_in(0),
+                   help="weight of feature matching, L1 between the discriminators' activations (default 0.1)")
+    p.add_argument("--disc-lr", type=runtime.learning_rate_value, default=2e-4,
+                   help="the discriminators' constant learning rate (AdamW, betas 0.5, 0.9)")
+    p.add_argument("--decoder-steps", type=runtime.non_negative_int, default=0,
+                   help="the last N of --steps train the decoder alone, on planes without noise")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="mirror clips left-right and play them backwards, each with probability 1/2: more real-looking "
                         "clips from a few videos")
     p.add_argument("--eval-clips", type=runtime.positive_int, default=32, help="held-out clips for PSNR at each save")
     args = runtime.parse_for_data(p, argv, DATA_DEFAULTS)
     args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
-    if args.gan_weight is not None and args.gan_start is None:
-        p.error("--gan-weight weighs the adversarial loss, which --gan-start switches on; add --gan-start or drop it.")
-    args.gan_weight = 0.1 if args.gan_weight is None else args.gan_weight
+    for flag, value, default in (("--gan-weight", args.gan_weight, 0.1), ("--feature-weight", args.feature_weight, 0.1)):
+        if value is not None and args.gan_start is None:
+            p.error(f"{flag} weighs part of the adversarial loss, which --gan-start switches on; add --gan-start or "
+                    "drop it.")
+        setattr(args, flag[2:].replace("-", "_"), default if value is None else value)
     if args.l1_weight == args.l2_weight == 0:
         p.error("--l1-weight and --l2-weight are both 0, so nothing would be learnt; give one of them a weight.")
     return args
@@ -61,7 +71,8 @@ def parse_args(argv=None):
 
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
-               latent_noise=args.latent_noise, grad_checkpointing=args.grad_checkpointing)
+               latent_noise=args.latent_noise, noise_draw=args.noise_draw,
+               pixel_head=args.pixel_head, grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
              ("latent_channels", args.latent_channels))
     cfg.update({k: v for k, v in flags if v is not None})
@@ -111,9 +122,9 @@ def main(argv=None):
 
     # model, discriminator and optimisers; on resume everything comes back from the checkpoint
     model = pvdm.ProjectedAutoencoder(cfg).to(device)
-    disc = pvdm.Discriminator3D().to(device) if args.gan_start is not None else None
+    disc = pvdm.Discriminators().to(device) if args.gan_start is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=tuple(args.betas)) if disc else None
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9)) if disc else None
     step = 0
     if args.resume:
         ckpt = runtime.load_checkpoint(ckpt_path, "autoencoder", resume=True)
@@ -176,20 +187,29 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         # reconstruction (plus, after --gan-start, fooling the discriminator)
+        decoder_only = step >= args.steps - args.decoder_steps
         with runtime.autocast(device, args.precision):
-            loss, x_hat = ddp(x)
+            loss, x_hat = ddp(x, noisy=not decoder_only)
             gan_on = disc is not None and step >= args.gan_start
-            if gan_on:
-                loss = loss + args.gan_weight * pvdm.hinge_g_loss(ddp_disc(x_hat))
+            if gan_on:  # the 2D discriminator judges one frame per clip (the gradients it gets here are dropped)
+                frame_ids = torch.randint(cfg.frames, (len(x),), device=device)
+                with torch.no_grad():
+                    real = disc(x, frame_ids)
+                loss = loss + pvdm.adversarial_loss(disc(x_hat, frame_ids), real, args.gan_weight, args.feature_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
+        if decoder_only:  # the encoder keeps the latents it learnt with noise; AdamW skips weights without gradients
+            for param in model.encoder_parameters():
+                param.grad = None
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
         scaler.update()
-        if gan_on:  # the discriminator's own step, on detached reconstructions, at the constant --lr
+        if gan_on:  # the discriminators' own step on real and detached reconstructed clips in one batch
             with runtime.autocast(device, args.precision):
-                d_loss = pvdm.hinge_d_loss(ddp_disc(x), ddp_disc(x_hat.detach()))
+                d_loss = pvdm.discriminator_loss(ddp_disc(torch.cat([x, x_hat.detach()]), frame_ids.repeat(2)))
             disc_opt.zero_grad(set_to_none=True)
             disc_scaler.scale(d_loss).backward()
+            disc_scaler.unscale_(disc_opt)
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)  # as the official code: a judge that moves slowly
             disc_scaler.step(disc_opt)
             disc_scaler.update()
         step += 1
