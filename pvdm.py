@@ -113,12 +113,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D/heads)
         return self.proj(rearrange(out, "n h l d -> n l (h d)"))  # (N, L, D)
@@ -136,12 +131,7 @@ class TransformerBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -156,12 +146,7 @@ class SpaceTimeBlock(nn.Module):
         self.norm_s, self.attn_s = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm_m, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         b, h = x.shape[0], x.shape[2]  # x (B, T, h, w, D)
         xt = rearrange(x, "b t h w d -> (b h w) t d")  # sequences along time
         xt = xt + self.attn_t(self.norm_t(xt))
@@ -295,21 +280,16 @@ class ProjectedAutoencoder(nn.Module):
     def use_checkpoint(self):
         return self.cfg.grad_checkpointing and self.training
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
-        the decoder learns from planes with Gaussian noise added: the encoder must then keep what it encodes
-        further apart than the noise, and stage 2 samples such latents in steadier colours; the decoder learns to
-        read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness."""
+        the decoder learns from planes with Gaussian noise added, of a strength drawn per clip from none to
+        latent_noise (as RAE): it learns to read inexact planes, as stage 2 samples them, and the encoder to keep
+        what it encodes apart; the clips drawn with little noise keep reconstructions sharp (a fixed strength cost
+        3 dB on the quick start)."""
         planes = self.encode(x)
-        if noisy and self.training and self.cfg.latent_noise > 0:
-            std = self.cfg.latent_noise * (torch.rand(x.shape[0], 1, 1, 1, device=x.device)
-                                           if self.cfg.noise_draw == "uniform" else 1.0)
+        if self.training and self.cfg.latent_noise > 0:  # each clip's own strength, from none to latent_noise
+            std = self.cfg.latent_noise * torch.rand(x.shape[0], 1, 1, 1, device=x.device)  # (B, 1, 1, 1)
             planes = [z + std * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
@@ -337,12 +317,7 @@ class PatchDiscriminator(nn.Module):
         stages.append(conv(c, 1, 3, padding=1))
         self.stages = nn.ModuleList(stages)
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         activations = []
         for stage in self.stages:
             x = stage(x)
@@ -437,12 +412,7 @@ class TokenAttention(nn.Module):
 class Attention2d(TokenAttention):
     """Self-attention over the positions of one plane."""
 
-    def encoder_parameters(self):
-        """The weights encode() uses: what a decoder-only phase leaves as they are."""
-        parts = ("patch_embed", "enc_pos_t", "enc_pos_s", "encoder", "enc_norm", "project", "to_latent")
-        return [param for name, param in self.named_parameters() if name.split(".")[0] in parts]
-
-    def forward(self, x, noisy=True):
+    def forward(self, x):
         return super().forward(x.flatten(2)).view_as(x)  # (B, C, a*b) -> (B, C, a, b)
 
 
@@ -809,9 +779,8 @@ class AutoencoderConfig:
     latent_channels: int = 4
     l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
-    latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
-    noise_draw: str = "fixed"
-    pixel_head: int = 0
+    latent_noise: float = 0.0  # the largest std of the noise the decoder sees on the planes in training (forward)
+    pixel_head: int = 0  # features per pixel for 3x3 convolutions after the un-patchify; 0: the paper's linear one
     grad_checkpointing: bool = False
 
     def __post_init__(self):
@@ -885,8 +854,9 @@ class DiffusionConfig:
 
 
 AUTOENCODER_PRESETS = {
-    # tiny: 8 latent channels rather than the paper's 4: a better held-out PSNR in a short CPU run
-    "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1, latent_channels=8),
+    # tiny: 8 latent channels rather than the paper's 4, and a pixel head: a better held-out PSNR in a short CPU run
+    "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1, latent_channels=8,
+                 pixel_head=16),
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4, latent_channels=4),
 }
 UNET_PRESETS = {

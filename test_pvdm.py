@@ -223,6 +223,18 @@ def test_pixel_head_lets_neighbouring_patches_meet_and_starts_at_zero(pixel_head
     assert not moved[:2].any() and not moved[10:].any()           # two 3x3 convolutions reach 2 pixels further
 
 
+def test_latent_noise_strength_is_drawn_per_clip_up_to_latent_noise():
+    """Each clip's planes get noise of one std, drawn from U(0, latent_noise): some clips nearly clean, some noisy."""
+    torch.manual_seed(0)
+    ae = tiny_ae(resolution=16, frames=8, latent_noise=0.5).train()
+    x = torch.rand(32, 3, 8, 16, 16) * 2 - 1
+    seen = []
+    ae.decode_unclamped = lambda planes: seen.append(planes) or x
+    ae(x)
+    std = torch.cat([(noisy - clean).flatten(1) for noisy, clean in zip(seen[0], ae.encode(x))], 1).std(1)  # (32,)
+    assert std.max() < 0.55 and std.min() < 0.1 and std.max() > 0.4, std
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = tiny_ae()
@@ -861,7 +873,10 @@ def test_adversarial_phase_switches_on_at_gan_start(tmp_path):
     assert "d_loss" not in next(line for line in lines if line.startswith("step      1 |"))
     assert "d_loss" in next(line for line in lines if line.startswith("step      3 | loss"))
     ckpt = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
-    assert ckpt["disc"].keys() and ckpt["disc_optimizer"]["state"]  # the discriminator trained and was saved
+    assert ckpt["disc_optimizer"]["state"]                       # the discriminators trained and were saved
+    assert any(k.startswith("video.") for k in ckpt["disc"]) and any(k.startswith("frame.") for k in ckpt["disc"])
+    group = ckpt["disc_optimizer"]["param_groups"][0]            # their own rate and betas, not the autoencoder's
+    assert group["lr"] == 2e-4 and tuple(group["betas"]) == (0.5, 0.9)
 
 
 def test_resume_continues_the_step_count_and_optimiser(trained, tmp_path):
@@ -1614,6 +1629,7 @@ BAD_INPUTS = [
     ("train_diffusion.py --autoencoder {bad}/autoencoder.pt --overlap 16", "--overlap 16 must lie in [0, 15]"),
     # accepted means used: a flag that only matters with another one is refused on its own, not ignored
     ("train_autoencoder.py --gan-weight 0.5", "or drop"),
+    ("train_autoencoder.py --feature-weight 0.5", "or drop"),
     ("train_diffusion.py --cache-videos 8", "or drop"),
     ("evaluate.py fvd --fake-dir {out} --window 8", "or drop"),
 ]

@@ -40,10 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=runtime.float_in(0), default=0.0, help="weight of the L1 pixel loss")
     p.add_argument("--l2-weight", type=runtime.float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
     p.add_argument("--latent-noise", type=runtime.float_in(0), default=0.0,
-                   help="std of Gaussian noise added to the latent planes the decoder learns from (default: 0.3 on "
-                        "synthetic data, else 0): latents stage 2 samples more faithfully, at some cost in PSNR")
-    p.add_argument("--noise-draw", choices=["fixed", "uniform"], default="fixed")
-    p.add_argument("--pixel-head", type=runtime.non_negative_int, default=0)
+                   help="the largest std of Gaussian noise added to the latent planes the decoder learns from, each "
+                        "clip's drawn from U(0, this) (default: 0.3 on synthetic data, else 0): a decoder that reads "
+                        "inexact planes, as stage 2 samples them")
+    p.add_argument("--pixel-head", type=runtime.int_in(0, 256),
+                   help="features per pixel for two 3x3 convolutions after the un-patchify, so neighbouring patches "
+                        "meet; 0: the paper's linear un-patchify alone (default: the preset's, tiny 16, paper 0)")
     p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help="step at which the adversarial phase begins: a 3D and a 2D PatchGAN (default: never)")
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the hinge term (default 0.1)")
@@ -51,8 +53,6 @@ def parse_args(argv=None):
                    help="weight of feature matching, L1 between the discriminators' activations (default 0.1)")
     p.add_argument("--disc-lr", type=runtime.learning_rate_value, default=2e-4,
                    help="the discriminators' constant learning rate (AdamW, betas 0.5, 0.9)")
-    p.add_argument("--decoder-steps", type=runtime.non_negative_int, default=0,
-                   help="the last N of --steps train the decoder alone, on planes without noise")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="mirror clips left-right and play them backwards, each with probability 1/2: more real-looking "
                         "clips from a few videos")
@@ -71,10 +71,9 @@ def parse_args(argv=None):
 
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
-               latent_noise=args.latent_noise, noise_draw=args.noise_draw,
-               pixel_head=args.pixel_head, grad_checkpointing=args.grad_checkpointing)
+               latent_noise=args.latent_noise, grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
-             ("latent_channels", args.latent_channels))
+             ("latent_channels", args.latent_channels), ("pixel_head", args.pixel_head))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)
@@ -187,9 +186,8 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         # reconstruction (plus, after --gan-start, fooling the discriminator)
-        decoder_only = step >= args.steps - args.decoder_steps
         with runtime.autocast(device, args.precision):
-            loss, x_hat = ddp(x, noisy=not decoder_only)
+            loss, x_hat = ddp(x)
             gan_on = disc is not None and step >= args.gan_start
             if gan_on:  # the 2D discriminator judges one frame per clip (the gradients it gets here are dropped)
                 frame_ids = torch.randint(cfg.frames, (len(x),), device=device)
@@ -198,9 +196,6 @@ def main(argv=None):
                 loss = loss + pvdm.adversarial_loss(disc(x_hat, frame_ids), real, args.gan_weight, args.feature_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
-        if decoder_only:  # the encoder keeps the latents it learnt with noise; AdamW skips weights without gradients
-            for param in model.encoder_parameters():
-                param.grad = None
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
         scaler.update()
         if gan_on:  # the discriminators' own step on real and detached reconstructed clips in one batch
