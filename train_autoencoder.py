@@ -25,7 +25,7 @@ DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    runtime.add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
+    runtime.add_common_args(p, out="runs/autoencoder", steps=1600, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
     p.add_argument("--patch", type=runtime.int_in(1, 64),
