@@ -759,10 +759,11 @@ def run_recon(args):
 def print_outlines(real, recon, naive_size):
     """The shape's outline in reconstructions, beside the naive code's and the real clips' own (outline_figures)."""
     ours, naive = outline_figures(real, recon), outline_figures(real, pvdm.naive_code(real, naive_size))
-    print(f"shape outline: mask IoU with the real clip {ours['iou'].mean():.3f} (naive code {naive['iou'].mean():.3f}), "
-          f"kind (circle or square) read right in {100 * ours['kind'].mean():.1f}% of frames (naive code "
-          f"{100 * naive['kind'].mean():.1f}%, real clips {100 * ours['real_kind'].mean():.1f}%; a frame's kind: its "
-          f"mask fills more than {SQUARE_FILL} of its bounding box or not; right: as most of the real clip's frames)")
+    print(f"shape outline: mask IoU with the real clip {ours['iou'].mean():.3f} (naive code "
+          f"{naive['iou'].mean():.3f}), kind (circle or square) read right in {100 * ours['kind'].mean():.1f}% of "
+          f"frames (naive code {100 * naive['kind'].mean():.1f}%, real clips {100 * ours['real_kind'].mean():.1f}%; "
+          f"a frame's kind: its mask fills more than {SQUARE_FILL} of its bounding box or not; right: as most of the "
+          "real clip's frames)")
 
 
 @torch.no_grad()

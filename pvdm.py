@@ -285,8 +285,8 @@ class ProjectedAutoencoder(nn.Module):
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
         the decoder learns from planes with Gaussian noise added, of a strength drawn per clip from none to
         latent_noise (as RAE): it learns to read inexact planes, as stage 2 samples them, and the encoder to keep
-        what it encodes apart; the clips drawn with little noise keep reconstructions sharp (a fixed strength cost
-        3 dB on the quick start)."""
+        what it encodes apart, while the clips drawn with little noise keep reconstructions sharper than a fixed
+        strength does (README, Differences)."""
         planes = self.encode(x)
         if self.training and self.cfg.latent_noise > 0:  # each clip's own strength, from none to latent_noise
             std = self.cfg.latent_noise * torch.rand(x.shape[0], 1, 1, 1, device=x.device)  # (B, 1, 1, 1)

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=runtime.positive_int, default=32, help="held-out clips for PSNR at each save")
     args = runtime.parse_for_data(p, argv, DATA_DEFAULTS)
     args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
-    for flag, value, default in (("--gan-weight", args.gan_weight, 0.1), ("--feature-weight", args.feature_weight, 0.1)):
+    for flag, value, default in (("--gan-weight", args.gan_weight, 0.1),
+                                 ("--feature-weight", args.feature_weight, 0.1)):
         if value is not None and args.gan_start is None:
             p.error(f"{flag} weighs part of the adversarial loss, which --gan-start switches on; add --gan-start or "
                     "drop it.")

@@ -42,8 +42,8 @@ def parse_args(argv=None):
                    "tiny preset, where samples then keep their speed over 128 frames, 0 on the paper preset: its plain "
                    "MSE)")
     p.add_argument("--min-snr-plus-one", action=argparse.BooleanOptionalAction, default=False,
-                   help="with v and --min-snr: weigh by min(SNR + 1, gamma) / (SNR + 1), so the noisiest steps, where a "
-                        "clip's colours are decided, keep weight 1 instead of about SNR (near 0)")
+                   help="with v and --min-snr: weigh by min(SNR + 1, gamma) / (SNR + 1), so the noisiest steps, where "
+                        "a clip's colours are decided, keep weight 1 instead of about SNR (near 0)")
     p.add_argument("--overlap", type=runtime.non_negative_int, help="frames each clip shares with the one before "
                    "(pvdm.align_condition; default: three quarters of a clip, 12 of 16); 0: the paper's disjoint clips")
     p.add_argument("--cond-noise", type=runtime.float_in(0), default=0.0,
@@ -159,7 +159,8 @@ def main(argv=None):
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
         runtime.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
-                                min_snr=args.min_snr, min_snr_plus_one=args.min_snr_plus_one, cond_noise=args.cond_noise)
+                                min_snr=args.min_snr, min_snr_plus_one=args.min_snr_plus_one,
+                                cond_noise=args.cond_noise)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet = diffusion.model
 
