@@ -283,13 +283,16 @@ class ProjectedAutoencoder(nn.Module):
     def forward(self, x):
         """Reconstruction loss: a weighted sum of L1 (the paper's pixel loss) and L2, which pulls a model out
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
-        the decoder learns from planes with Gaussian noise added, of a strength drawn per clip from none to
-        latent_noise (as RAE): it learns to read inexact planes, as stage 2 samples them, and the encoder to keep
-        what it encodes apart, while the clips drawn with little noise keep reconstructions sharper than a fixed
-        strength does (README, Differences)."""
+        the decoder learns from planes with Gaussian noise added: the encoder must then keep what it encodes
+        further apart than the noise, and stage 2 samples such latents in steadier colours; the decoder learns to
+        read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness;
+        latent_noise_draw "uniform" draws each clip's strength from U(0, latent_noise) (as RAE), which keeps them
+        sharper, but stage 2's samples then lost their shape more often (README, Differences)."""
         planes = self.encode(x)
-        if self.training and self.cfg.latent_noise > 0:  # each clip's own strength, from none to latent_noise
-            std = self.cfg.latent_noise * torch.rand(x.shape[0], 1, 1, 1, device=x.device)  # (B, 1, 1, 1)
+        if self.training and self.cfg.latent_noise > 0:
+            std = self.cfg.latent_noise  # one strength, or each clip's own from none to latent_noise (B, 1, 1, 1)
+            if self.cfg.latent_noise_draw == "uniform":
+                std = std * torch.rand(x.shape[0], 1, 1, 1, device=x.device)
             planes = [z + std * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
@@ -779,11 +782,14 @@ class AutoencoderConfig:
     latent_channels: int = 4
     l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
-    latent_noise: float = 0.0  # the largest std of the noise the decoder sees on the planes in training (forward)
+    latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
+    latent_noise_draw: str = "fixed"  # "fixed": that std for every clip; "uniform": each clip's from U(0, that std)
     pixel_head: int = 0  # features per pixel for 3x3 convolutions after the un-patchify; 0: the paper's linear one
     grad_checkpointing: bool = False
 
     def __post_init__(self):
+        if self.latent_noise_draw not in ("fixed", "uniform"):
+            raise ValueError(f"latent_noise_draw must be 'fixed' or 'uniform' (got {self.latent_noise_draw!r}).")
         if self.resolution % self.patch:
             raise ValueError(f"resolution {self.resolution} is not divisible by the patch size {self.patch}; "
                              "pick a resolution that is a multiple of it.")
@@ -854,9 +860,8 @@ class DiffusionConfig:
 
 
 AUTOENCODER_PRESETS = {
-    # tiny: 8 latent channels rather than the paper's 4, and a pixel head: a better held-out PSNR in a short CPU run
-    "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1, latent_channels=8,
-                 pixel_head=16),
+    # tiny: 8 latent channels rather than the paper's 4: a better held-out PSNR in a short CPU run
+    "tiny": dict(resolution=32, frames=16, patch=4, dim=64, depth=2, heads=4, proj_depth=1, latent_channels=8),
     "paper": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4, latent_channels=4),
 }
 UNET_PRESETS = {

@@ -223,10 +223,11 @@ def test_pixel_head_lets_neighbouring_patches_meet_and_starts_at_zero(pixel_head
     assert not moved[:2].any() and not moved[10:].any()           # two 3x3 convolutions reach 2 pixels further
 
 
-def test_latent_noise_strength_is_drawn_per_clip_up_to_latent_noise():
-    """Each clip's planes get noise of one std, drawn from U(0, latent_noise): some clips nearly clean, some noisy."""
+def test_uniform_latent_noise_draws_each_clips_strength_up_to_latent_noise():
+    """With latent_noise_draw "uniform" each clip's planes get noise of one std, drawn from U(0, latent_noise): some
+    clips nearly clean, some noisy."""
     torch.manual_seed(0)
-    ae = tiny_ae(resolution=16, frames=8, latent_noise=0.5).train()
+    ae = tiny_ae(resolution=16, frames=8, latent_noise=0.5, latent_noise_draw="uniform").train()
     x = torch.rand(32, 3, 8, 16, 16) * 2 - 1
     seen = []
     ae.decode_unclamped = lambda planes: seen.append(planes) or x
@@ -252,6 +253,8 @@ def test_bad_sizes_are_refused_with_a_reason():
         pvdm.AutoencoderConfig(resolution=30, patch=4)
     with pytest.raises(ValueError, match="frames must be at least 2"):
         pvdm.AutoencoderConfig(frames=1)
+    with pytest.raises(ValueError, match="latent_noise_draw must be 'fixed' or 'uniform'"):
+        pvdm.AutoencoderConfig(latent_noise_draw="gaussian")
 
 
 def test_discriminators_and_their_losses():

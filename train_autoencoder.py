@@ -25,7 +25,7 @@ DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    runtime.add_common_args(p, out="runs/autoencoder", steps=1600, batch_size=4)
+    runtime.add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
     p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
                    help="model size (default: tiny on synthetic data, paper otherwise)")
     p.add_argument("--patch", type=runtime.int_in(1, 64),
@@ -40,12 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=runtime.float_in(0), default=0.0, help="weight of the L1 pixel loss")
     p.add_argument("--l2-weight", type=runtime.float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
     p.add_argument("--latent-noise", type=runtime.float_in(0), default=0.0,
-                   help="the largest std of Gaussian noise added to the latent planes the decoder learns from, each "
-                        "clip's drawn from U(0, this) (default: 0.3 on synthetic data, else 0): a decoder that reads "
-                        "inexact planes, as stage 2 samples them")
-    p.add_argument("--pixel-head", type=runtime.int_in(0, 256),
+                   help="std of Gaussian noise added to the latent planes the decoder learns from (default: 0.3 on "
+                        "synthetic data, else 0): latents stage 2 samples more faithfully, at some cost in PSNR")
+    p.add_argument("--latent-noise-draw", choices=("fixed", "uniform"), default="fixed",
+                   help="fixed: every clip's noise has std --latent-noise; uniform: each clip's std is drawn from "
+                        "U(0, --latent-noise): sharper reconstructions, samples that lose their shape more often")
+    p.add_argument("--pixel-head", type=runtime.int_in(0, 256), default=0,
                    help="features per pixel for two 3x3 convolutions after the un-patchify, so neighbouring patches "
-                        "meet; 0: the paper's linear un-patchify alone (default: the preset's, tiny 16, paper 0)")
+                        "meet (0: the paper's linear un-patchify alone): sharper reconstructions, poorer samples")
     p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help="step at which the adversarial phase begins: a 3D and a 2D PatchGAN (default: never)")
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the hinge term (default 0.1)")
@@ -72,9 +74,10 @@ def parse_args(argv=None):
 
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
-               latent_noise=args.latent_noise, grad_checkpointing=args.grad_checkpointing)
+               latent_noise=args.latent_noise, latent_noise_draw=args.latent_noise_draw, pixel_head=args.pixel_head,
+               grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
-             ("latent_channels", args.latent_channels), ("pixel_head", args.pixel_head))
+             ("latent_channels", args.latent_channels))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)

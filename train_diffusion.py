@@ -28,7 +28,7 @@ DATA_DEFAULTS = {"synthetic": dict(cond_noise=0.1),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
-    runtime.add_common_args(p, out="runs/diffusion", steps=1800, batch_size=8)
+    runtime.add_common_args(p, out="runs/diffusion", steps=2500, batch_size=8)
     p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
     p.add_argument("--preset", choices=sorted(pvdm.UNET_PRESETS), help="UNet size (default: tiny on synthetic data)")
     p.add_argument("--lr", type=runtime.learning_rate_value, default=2e-3, help="the paper uses 1e-4 at its size")
