@@ -1633,6 +1633,8 @@ BAD_INPUTS = [
     # accepted means used: a flag that only matters with another one is refused on its own, not ignored
     ("train_autoencoder.py --gan-weight 0.5", "or drop"),
     ("train_autoencoder.py --feature-weight 0.5", "or drop"),
+    ("train_autoencoder.py --latent-noise 0 --latent-noise-draw uniform", "or drop"),
+    ("train_diffusion.py --prediction eps --min-snr-plus-one", "or drop"),
     ("train_diffusion.py --cache-videos 8", "or drop"),
     ("evaluate.py fvd --fake-dir {out} --window 8", "or drop"),
 ]

@@ -67,6 +67,9 @@ def parse_args(argv=None):
             p.error(f"{flag} weighs part of the adversarial loss, which --gan-start switches on; add --gan-start or "
                     "drop it.")
         setattr(args, flag[2:].replace("-", "_"), default if value is None else value)
+    if args.latent_noise_draw == "uniform" and args.latent_noise == 0:
+        p.error("--latent-noise-draw uniform draws the strength of the --latent-noise, which is 0; give --latent-noise "
+                "a std or drop it.")
     if args.l1_weight == args.l2_weight == 0:
         p.error("--l1-weight and --l2-weight are both 0, so nothing would be learnt; give one of them a weight.")
     return args

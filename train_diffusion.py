@@ -61,6 +61,9 @@ def parse_args(argv=None):
     args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
     args.prediction = args.prediction or ("v" if args.preset == "tiny" else "eps")
     args.min_snr = (5.0 if args.preset == "tiny" else 0.0) if args.min_snr is None else args.min_snr
+    if args.min_snr_plus_one and (args.prediction != "v" or not args.min_snr):
+        p.error("--min-snr-plus-one changes the Min-SNR weights of v-prediction; add --prediction v and --min-snr, or "
+                "drop it.")
     if args.cache_videos is not None and not args.latent_cache:
         p.error("--cache-videos sets the size of the --latent-cache; add --latent-cache or drop it.")
     return args
