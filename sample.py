@@ -99,6 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float_in(0), help="DDIM noise: 0 deterministic, 1 DDPM-like (default 1, the paper's)")
     p.add_argument("--cfg", type=finite_float, default=0.0,
                    help="classifier-free guidance weight w on the previous clip (clips 2 onward)")
+    p.add_argument("--class", dest="classes", nargs="+", metavar="NAME",
+                   help="for a model trained with --class-cond: the class of the videos, by name or index, one for all "
+                        "or one per video (default: none, the null class)")
+    p.add_argument("--class-cfg", type=finite_float, default=0.0,
+                   help="classifier-free guidance weight w on the class (every clip of a video keeps its class)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="samples", help="folder for the videos, contact sheets and samples.json")
     p.add_argument("--overwrite", action="store_true", help="replace videos of the same names left in --out")
@@ -112,9 +117,36 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
         p.error("--sampler ddpm always runs all T steps with eta 1; drop --steps/--eta or use --sampler ddim.")
+    if args.class_cfg and not args.classes:
+        p.error("--class-cfg guides towards the class of --class; add --class NAME or drop it.")
+    if args.classes and len(args.classes) not in (1, args.num_videos):
+        p.error(f"--class takes one class for all videos or one per video ({args.num_videos}); got "
+                f"{len(args.classes)}.")
     args.device = str(resolve_device(args.device))
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
+
+
+def video_labels(asked, known, path, num_videos):
+    """The class index of each video from --class (names or indices), or None without it; a class the model does not
+    know is one line naming those it does."""
+    if not asked:
+        return None
+    if not known:
+        raise SystemExit(f"error: {path} was trained without classes, so --class has nothing to choose; drop it, or "
+                         "train with train_diffusion.py --class-cond.")
+    lower = [name.lower() for name in known]
+    labels = []
+    for name in asked:
+        if name.isdigit() and int(name) < len(known):
+            labels.append(int(name))
+        elif name.lower() in lower:
+            labels.append(lower.index(name.lower()))
+        else:
+            shown = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
+            raise SystemExit(f"error: {path} knows no class {name!r}; it knows {shown} (or indices 0-"
+                             f"{len(known) - 1}).")
+    return labels * num_videos if len(labels) == 1 else labels
 
 
 def sampler_settings(args, timesteps):
@@ -192,6 +224,8 @@ def main(argv=None):
                                                                           ema=not args.no_ema)
     gc.freeze()  # imageio runs a full garbage collection as it closes each file: leave the loaded models out of it
     steps, eta = sampler_settings(args, diffusion.cfg.timesteps)
+    classes = diffusion.model.cfg.classes
+    labels = video_labels(args.classes, classes, args.diffusion, args.num_videos)  # one per video, or None
     clip_len = autoencoder.cfg.frames
     args.frames = args.frames or clip_len
     n_clips = pvdm.clips_needed(args.frames, clip_len, diffusion.cfg.overlap)
@@ -201,7 +235,9 @@ def main(argv=None):
     check_out_dir(args.out, names, args.format, args.overwrite)
     print(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of {clip_len} sharing "
           f"{diffusion.cfg.overlap} frames) with "
-          f"{args.sampler} {steps} steps, eta {eta}, cfg {args.cfg}, {'raw' if args.no_ema else 'EMA'} weights "
+          f"{args.sampler} {steps} steps, eta {eta}, cfg {args.cfg}, "
+          f"{f'classes {sorted({classes[y] for y in labels})} with class cfg {args.class_cfg}, ' if labels else ''}"
+          f"{'raw' if args.no_ema else 'EMA'} weights "
           f"of step {train_step}, on {device} in {args.precision}", file=sys.stderr)
 
     # batch by batch; each batch has its own seeded generator so the result does not depend on timing
@@ -210,9 +246,11 @@ def main(argv=None):
     with autocast(device, args.precision):
         for b, batch in enumerate(batches):
             videos = f"videos {b * args.batch_size + 1}-{b * args.batch_size + len(batch)} of {len(names)}"
+            first = b * args.batch_size
+            label = None if labels is None else torch.tensor(labels[first: first + len(batch)], device=device)
             sample_batch(args, autoencoder, diffusion, batch, batch_generator(args.seed, b, device),
                          sampler_progress(progress, videos, n_clips), continuity, steps=steps, eta=eta,
-                         guidance=args.cfg)
+                         guidance=args.cfg, label=label, class_guidance=args.class_cfg)
     progress.close()
     if args.save_latents:
         save_overview(args.out, names)
@@ -228,6 +266,7 @@ def main(argv=None):
 
     # how these videos were made: evaluate.py prints it with every FVD
     info = {"sampler": args.sampler, "steps": steps, "eta": eta, "cfg": args.cfg, "ema": not args.no_ema,
+            "classes": labels and [classes[y] for y in labels], "class_cfg": args.class_cfg,
             "frames": args.frames, "resolution": autoencoder.cfg.resolution, "num_videos": args.num_videos,
             "seed": args.seed, "diffusion": args.diffusion, "autoencoder": args.autoencoder,
             "diffusion_step": train_step, "batch_size": args.batch_size, "precision": args.precision,

@@ -428,7 +428,7 @@ class ExactDenoiser(torch.nn.Module):
         super().__init__()
         self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction
 
-    def forward(self, z, t, cond, has_cond):
+    def forward(self, z, t, cond, has_cond, label=None):
         ab = self.alpha_bar[t][:, None]  # (B, 1)
         dist = (z[:, None] - ab[:, :, None, None].sqrt() * self.points).pow(2).flatten(2).sum(2)  # (B, K)
         weights = torch.softmax(-dist / (2 * (1 - ab)), dim=1)  # posterior over the points given z_t
@@ -538,13 +538,72 @@ def test_guidance_is_the_classifier_free_combination():
     torch.testing.assert_close(guided, 3 * e_c - 2 * e_u, atol=1e-5, rtol=1e-4)
 
 
+def test_class_guidance_and_the_null_class():
+    """No class is the null class; class guidance 0 is the plain class-conditional path; guidance w is
+    (1 + w) eps(y) - w eps(null), on top of the guidance over the previous clip."""
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), classes=("circle", "square"))
+    torch.nn.init.normal_(diffusion.model.class_emb.weight)
+    n = diffusion.model.cfg.num_tokens
+    z, cond, t, y = torch.randn(2, 4, n), torch.randn(2, 4, n), torch.tensor([50, 50]), torch.tensor([0, 1])
+    with torch.no_grad():
+        eps = lambda label, c=cond, w=2.0: diffusion.guided_eps(z, t, c, w, label)  # noqa: E731
+        assert torch.equal(eps(None), eps(torch.tensor([2, 2])))  # index 2: the null class
+        assert not torch.allclose(eps(y), eps(None))  # the class reaches the UNet
+        assert torch.equal(diffusion.guided_eps(z, t, cond, 2.0, y, class_guidance=0.0), eps(y))
+        torch.testing.assert_close(diffusion.guided_eps(z, t, cond, 2.0, y, class_guidance=3.0),
+                                   4 * eps(y) - 3 * eps(None), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(diffusion.guided_eps(z, t, None, 0.0, y, class_guidance=1.0),
+                                   2 * eps(y, None) - eps(None, None), atol=1e-5, rtol=1e-4)
+    assert pvdm.TriplaneUNet(pvdm.UNetConfig(**UNET)).class_emb is None  # an unconditional UNet is as before
+
+
+def test_training_drops_the_class_for_a_share_of_samples():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        cfg = SimpleNamespace(classes=("a", "b", "c"))
+
+        def forward(self, z, t, cond, has_cond, label=None):
+            seen.append(label)
+            return torch.zeros_like(z)
+
+    z, label = torch.randn(4000, 1, 2), torch.randint(0, 3, (4000,))
+    torch.manual_seed(0)
+    pvdm.GaussianDiffusion(Spy(), pvdm.DiffusionConfig(class_drop=0.1))(z, z, torch.ones(4000).bool(), label)
+    pvdm.GaussianDiffusion(Spy(), pvdm.DiffusionConfig())(z, z, torch.ones(4000).bool())
+    kept, null = seen[0] == label, seen[0] == 3
+    assert (kept | null).all() and 0.08 < null.float().mean() < 0.12  # DiT's 10%, the others untouched
+    assert seen[1] is None  # no labels: no class, and no random draw for one
+
+
+def test_a_class_conditional_model_samples_the_class_asked():
+    """Two classes of latents that differ in level (+0.5 and -0.5, like two colours): after a short training, a
+    sample asked for one class lies closer to it than to the other, with guidance and without."""
+    torch.manual_seed(0)
+    ucfg = pvdm.UNetConfig(latent_channels=2, frames=4, size=4, classes=("light", "dark"), **UNET)
+    diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), pvdm.DiffusionConfig(prediction="v", min_snr=5))
+    opt = torch.optim.AdamW(diffusion.parameters(), lr=3e-3)
+    for _ in range(150):
+        label = torch.randint(0, 2, (32,))
+        z0 = (0.5 - label.float())[:, None, None] + 0.05 * torch.randn(32, 2, ucfg.num_tokens)
+        loss = diffusion(z0, z0, torch.zeros(32).bool(), label)
+        opt.zero_grad(), loss.backward(), opt.step()
+    diffusion.eval()
+    for w in (0.0, 2.0):
+        z = diffusion.sample(8, steps=20, label=torch.tensor([0, 1] * 4), class_guidance=w,
+                             generator=torch.Generator().manual_seed(1))
+        level = z.mean(dim=(1, 2))  # (8,)
+        assert (level[0::2] > 0.25).all() and (level[1::2] < -0.25).all(), level
+
+
 def test_joint_training_conditions_only_where_a_previous_clip_exists():
     seen = []
 
     class Spy(torch.nn.Module):
         cfg = None
 
-        def forward(self, z, t, cond, has_cond):
+        def forward(self, z, t, cond, has_cond, label=None):
             seen.append(has_cond.clone())
             return torch.zeros_like(z)
 
@@ -562,7 +621,7 @@ def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_share
     class Spy(torch.nn.Module):
         cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
 
-        def forward(self, z, t, cond, has_cond):
+        def forward(self, z, t, cond, has_cond, label=None):
             seen.append(cond.clone())
             return torch.zeros_like(z)
 
@@ -934,6 +993,34 @@ def test_diffusion_resume_and_latent_cache(trained, tmp_path):
     assert other.returncode != 0 and "is damaged" in other.stderr.splitlines()[-1], other.stderr
 
 
+def test_class_conditional_training_records_its_classes_and_samples_them_by_name(trained, tmp_path):
+    ae_dir, _ = trained
+    for cache in ([], ["--latent-cache", "--cache-videos", "4"]):  # classes from the dataset and from the cache
+        out = tmp_path / f"dm{len(cache)}"
+        run_here("train_diffusion.py", "--class-cond", "--batch-size", "2", "--workers", "0", "--steps", "1",
+                 "--preview-frames", "8", "--preview-steps", "1", "--autoencoder", str(ae_dir / "autoencoder.pt"),
+                 "--out", str(out), *cache)
+        ckpt = torch.load(out / "diffusion.pt", weights_only=True)
+        assert list(ckpt["unet_config"]["classes"]) == ["circle", "square"] and "class_emb.weight" in ckpt["ema"]
+    labels = torch.load(out / "latents.pt", weights_only=True)["label"]
+    videos = data.make_dataset("synthetic", labels=True, num_shapes=2)
+    assert labels.tolist() == [videos.label(i) for i in range(4)]
+    common = ["--diffusion", str(out / "diffusion.pt"), "--num-videos", "2", "--steps", "1", "--frames", "8"]
+    run_here("sample.py", *common, "--class", "Square", "0", "--class-cfg", "1", "--out", str(tmp_path / "s"))
+    info = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert info["classes"] == ["square", "circle"] and info["class_cfg"] == 1
+    for flags, said in ((["--class", "triangle"], "knows no class 'triangle'; it knows circle, square"),
+                        (["--class", "2"], "knows no class '2'"),
+                        (["--class", "circle", "square", "circle"], "one class for all videos or one per video (2)"),
+                        (["--class-cfg", "2"], "add --class NAME")):
+        result = run_here("sample.py", *common, *flags, "--out", str(tmp_path / "bad"), check=False)
+        assert result.returncode != 0 and said in result.stderr and "Traceback" not in result.stderr
+    _, unconditional = trained
+    result = run_here("sample.py", "--diffusion", str(unconditional / "diffusion.pt"), "--class", "circle",
+                      "--out", str(tmp_path / "bad"), check=False)
+    assert "was trained without classes" in result.stderr
+
+
 def test_training_pairs_target_the_clip_that_starts_overlap_frames_before_the_first_ends():
     import train_diffusion
 
@@ -1149,6 +1236,50 @@ def test_ucf101_official_split(tmp_path):
     assert any("skipped 4 of 6" in m for m in messages)
     x = train[0]
     assert x.shape == (3, T, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_ucf101_classes_come_from_class_ind_and_each_file_from_its_folder(tmp_path):
+    root = fake_ucf(tmp_path)
+    lists = root / "ucfTrainTestlist"
+    # the official order of classInd.txt, not the folders' (given here in reverse, to tell them apart)
+    (lists / "classInd.txt").write_text("1 HandstandPushups\n2 ApplyLipstick\n")
+    paths = [line.split()[0] for line in (lists / "trainlist01.txt").read_text().splitlines()]
+    listed = {path: 1 if path.startswith("Handstand") else 2 for path in paths}  # the list's labels, from 1
+    (lists / "trainlist01.txt").write_text("".join(f"{path} {label}\n" for path, label in listed.items()))
+    listed = {path.lower(): label - 1 for path, label in listed.items()}
+    train, _ = build("ucf101", root, "train", labels=True)
+    assert train.classes == ["HandstandPushups", "ApplyLipstick"]
+    for i, source in enumerate(train.sources):  # v_HandStandPushups_... lies in HandstandPushups/
+        assert train.label(i) == listed[str(source.relative_to(root / "UCF-101")).lower()]
+        assert train.classes[train.label(i)].lower() in source.name.lower()
+    window, has_prev, label = build("ucf101", root, "train", labels=True, pairs=True)[0][0]
+    assert label.item() == train.label(0) and window.shape[1] == 2 * T
+    (lists / "classInd.txt").unlink()  # without it: the folders, sorted
+    assert build("ucf101", root, "train", labels=True)[0].classes == ["ApplyLipstick", "HandstandPushups"]
+
+
+def test_folder_classes_are_its_first_level_and_sets_without_classes_say_so(tmp_path):
+    for cls in ("walk", "run"):
+        write_video(tmp_path / cls / "day" / f"{cls}1.mp4", 8)
+        write_video(tmp_path / cls / f"{cls}2.mp4", 8)
+    d, _ = build("folder", tmp_path, labels=True)
+    assert d.classes == ["run", "walk"]
+    assert [d.classes[d.label(i)] for i in range(len(d))] == [p.relative_to(tmp_path).parts[0] for p in d.sources]
+    assert isinstance(d[0], tuple) and not isinstance(build("folder", tmp_path)[0][0], tuple)  # labels when asked
+    write_video(tmp_path / "loose.mp4", 8)
+    with pytest.raises(data.DataError, match="loose.mp4 lies directly in it"):
+        build("folder", tmp_path, labels=True)
+    for name in ("sky", "footage"):
+        with pytest.raises(data.DataError, match=f"{name} data has no classes; drop --class-cond"):
+            data.make_dataset(name, tmp_path, labels=True)
+
+
+def test_synthetic_class_is_the_kind_the_shape_is_drawn_as():
+    d = data.make_dataset("synthetic", resolution=32, frames=4, labels=True)
+    for i in range(12):
+        video, label = d[i]
+        kind = evaluate.shape_kind(evaluate.shape_mask(video)[2])
+        assert (kind == label).float().mean() > 0.7, (i, d.classes[label], kind)
 
 
 def test_ucf101_without_split_files_uses_the_group_rule(tmp_path):

@@ -49,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--cond-noise", type=runtime.float_in(0), default=0.0,
                    help="std of Gaussian noise on the condition the UNet sees, in training and sampling (default: "
                         "0.1 on synthetic data, where long samples then keep their speed; else 0, the paper's)")
+    p.add_argument("--class-cond", action="store_true",
+                   help="also condition on each video's class (UCF-101's actions, --data folder's first level of "
+                        "sub-folders, the synthetic shape's kind), dropped for 10%% of samples, so sample.py --class "
+                        "works with or without --class-cfg")
     p.add_argument("--ema-decay", type=runtime.probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -104,17 +108,18 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     path = os.path.join(args.out, "latents.pt")
     source = {"autoencoder": pvdm.fingerprint(autoencoder), "num_shapes": getattr(dataset, "num_shapes", None),
               "videos": min(args.cache_videos or len(dataset), len(dataset)), "overlap": args.overlap,
-              **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")}}
+              **{k: getattr(args, k) for k in ("data", "data_dir", "split", "frame_stride", "seed")},
+              **({"classes": list(dataset.classes)} if args.class_cond else {})}
     if rank == 0 and not os.path.exists(path):
         subset = torch.utils.data.Subset(dataset, range(source["videos"]))
-        prev, nxt, flags, progress = [], [], [], data.Progress(len(subset))
-        for window, has_prev in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
+        prev, nxt, flags, labels, progress = [], [], [], [], data.Progress(len(subset))
+        for window, has_prev, *label in torch.utils.data.DataLoader(subset, batch_size=16, num_workers=args.workers):
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
-            prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev)
+            prev.append(z_prev.cpu()), nxt.append(z.cpu()), flags.append(has_prev), labels.extend(label)
             progress.advance(f"encoding latent cache: {progress.done + len(window)}/{len(subset)} windows", len(window))
         progress.close()
         runtime.save_checkpoint({"prev": torch.cat(prev), "next": torch.cat(nxt), "has_prev": torch.cat(flags),
-                                 "source": source}, path)
+                                 **({"label": torch.cat(labels)} if labels else {}), "source": source}, path)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's cache
     cache = runtime.load_file(path, "the latent cache", "delete it to re-encode, or pass another --out")
@@ -124,6 +129,8 @@ def latent_cache(args, autoencoder, dataset, rank, world, device):
     C = autoencoder.cfg.latent_channels
     latents = (source["videos"], C, autoencoder.cfg.latent_values // C)  # (videos, C, N) packed
     shapes = {"prev": latents, "next": latents, "has_prev": latents[:1]}
+    if args.class_cond:
+        shapes["label"] = latents[:1]
     if not all(torch.is_tensor(cache.get(k)) and cache[k].shape == shape for k, shape in shapes.items()):
         runtime.fail(f"{path} is damaged (its latents are missing or not of shape {latents}); delete it to re-encode.",
                      world > 1)
@@ -157,8 +164,21 @@ def main(argv=None):
     # the frozen autoencoder, and the UNet sized for its latent planes
     autoencoder, ae_ckpt = load_frozen_autoencoder(args, device)
     ae_record = {"path": args.autoencoder, "fingerprint": pvdm.fingerprint(autoencoder)}  # for sample.py's check
+
+    # data: windows of two clips (previous, target) and with --class-cond their class, encoded on the fly or once into
+    # a cache (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says so)
+    trained = runtime.trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
     try:
-        ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing)
+        dataset = data.make_dataset(args.data, args.data_dir, resolution=autoencoder.cfg.resolution,
+                                    frames=autoencoder.cfg.frames, split=args.split, frame_stride=args.frame_stride,
+                                    pairs=True, seed=args.seed, labels=args.class_cond,
+                                    **runtime.num_shapes_option(args, trained))
+    except data.DataError as e:
+        runtime.fail(str(e), world > 1)
+    classes = tuple(dataset.classes) if args.class_cond else ()
+    try:
+        ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing,
+                                    classes=classes)
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
         runtime.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}", world > 1)
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
@@ -190,15 +210,6 @@ def main(argv=None):
     runtime.log(rank, args.out, f"triplane UNet {args.preset}: {n_params / 1e6:.2f}M parameters on latents "
                 f"{ucfg.latent_channels}x{ucfg.num_tokens}; {world} process(es) on {device}, {args.precision}")
 
-    # data: windows of two clips (previous, target), encoded on the fly or once into a cache
-    # (synthetic: as many shapes per video as the autoencoder was trained on, unless --num-shapes says otherwise)
-    trained = runtime.trained_num_shapes(ae_ckpt) if args.data == "synthetic" else None
-    try:
-        dataset = data.make_dataset(args.data, args.data_dir, resolution=autoencoder.cfg.resolution,
-                                    frames=autoencoder.cfg.frames, split=args.split, frame_stride=args.frame_stride,
-                                    pairs=True, seed=args.seed, **runtime.num_shapes_option(args, trained))
-    except data.DataError as e:
-        runtime.fail(str(e), world > 1)
     if args.latent_cache:
         dataset = latent_cache(args, autoencoder, dataset, rank, world, device)
     stream = runtime.batches(dataset, args.batch_size // world, rank, world, args.seed, step, args.workers)
@@ -212,16 +223,16 @@ def main(argv=None):
     while step < args.steps:
         stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
         if args.latent_cache:
-            z_prev, z, has_prev = (b.to(device) for b in next(stream))
+            z_prev, z, has_prev, *label = (b.to(device) for b in next(stream))
         else:
-            window, has_prev = next(stream)
+            window, has_prev, *label = next(stream)
             z_prev, z = encode_pairs(autoencoder, window.to(device), has_prev, args.overlap, device, args.precision)
-            has_prev = has_prev.to(device)
+            has_prev, label = has_prev.to(device), [y.to(device) for y in label]
         lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
         for group in opt.param_groups:
             group["lr"] = lr
         with runtime.autocast(device, args.precision):
-            loss = ddp(z, z_prev, has_prev)  # Algorithm 1, joint (un)conditional
+            loss = ddp(z, z_prev, has_prev, *label)  # Algorithm 1, joint (un)conditional; the class with --class-cond
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler multiplies the loss in fp16 only, so small gradients survive
         scaler.step(opt)  # unscales the gradients, then AdamW's step (skipped if fp16 gradients overflowed)
