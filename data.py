@@ -405,20 +405,25 @@ class FileVideos(ClipDataset):
         return resize_crop(frames, self.resolution)                      # (3, T, R, R)
 
 
-def require_dir(path, layout):
-    """The data directory, or a one-sentence error that names the layout expected."""
-    if path is None:
+# Where a dataset is looked for when --data-dir is left out (relative to the folder a script runs in).
+DATA_HOMES = {"ucf101": "data", "sky": "data/sky_timelapse"}
+
+
+def require_dir(path, layout, home=None):
+    """The data directory (`home` when none is given), or a one-sentence error that names the layout expected."""
+    if path is None and home is None:
         raise DataError(f"this dataset needs --data-dir, a folder laid out as {layout}.")
-    path = Path(path).expanduser()
+    where = "data directory {}" if path is not None else "{} (where it is looked for without --data-dir)"
+    path = Path(path or home).expanduser()
     if not path.is_dir():
         found = "is a file, not a folder" if path.exists() else "does not exist"
-        raise DataError(f"data directory {path} {found}; expected {layout}.")
+        raise DataError(f"{where.format(path)} {found}; put the data there as {layout}, or pass --data-dir.")
     return path
 
 
 def ucf101(data_dir, split, **clip_args):
     """UCF-101 with the official split 1 (9,537 train / 3,783 test videos)."""
-    root = require_dir(data_dir, UCF_LAYOUT)
+    root = require_dir(data_dir, UCF_LAYOUT, DATA_HOMES["ucf101"])
     videos_root = root / "UCF-101" if (root / "UCF-101").is_dir() else root
     videos = [p for p in video_files(videos_root) if p.suffix.lower() == ".avi"]
     if not videos:
@@ -458,7 +463,7 @@ def ucf_split(videos, videos_root, root, split):
 
 def sky(data_dir, split, **clip_args):
     """SkyTimelapse: each folder of frames is one video."""
-    root = require_dir(data_dir, SKY_LAYOUT)
+    root = require_dir(data_dir, SKY_LAYOUT, DATA_HOMES["sky"])
     clips = []
     for part in ["train", "test"] if split == "all" else [split]:
         split_dir = root / f"sky_{part}"

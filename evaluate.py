@@ -763,24 +763,28 @@ def run_recon(args):
 
 def print_classes(real, recon, fake, asked):
     """For samples of a class-conditional model (sample.py --class) on one-shape synthetic data: the share of their
-    frames whose shape reads as the kind asked, and the mean fill of its bounding box, per class; beside them the
-    reconstructions of real clips of each kind (by how most of the real clip's frames read), the floor."""
-    def figures(videos, kinds):  # kinds: 0 circle, 1 square per video -> {kind: (% frames read as it, mean fill)}
+    frames whose shape reads as the kind asked (of all frames, and of those showing a shape) and the mean fill of its
+    bounding box, per class; beside them the reconstructions of real clips of each kind (the kind most of the real
+    clip's frames read as): the floor."""
+    def figures(videos, kinds):  # kinds: 0 circle, 1 square per video -> {kind: (% of frames, % of shown, fill)}
         out = {}
         for video, kind in zip(videos, kinds):
             mask = shape_mask(video)[2]
             read = shape_kind(mask)
-            out.setdefault(kind, []).append(((read == kind).float().mean(), box_fill(mask).nanmean()))
-        return {k: [100 * torch.stack([r for r, _ in v]).mean().item(), torch.stack([f for _, f in v]).nanmean().item()]
-                for k, v in out.items()}
+            out.setdefault(kind, []).append(torch.stack([(read == kind).float().mean(), (~read.isnan()).float().mean(),
+                                                         box_fill(mask).nanmean()]))
+        means = {k: torch.stack(v).nanmean(0).tolist() for k, v in out.items()}
+        return {k: (100 * right, 100 * right / shown, fill) for k, (right, shown, fill) in means.items()}
     truth = [int(shape_kind(shape_mask(x)[2]).nanmean().round()) for x in real]
     ours = figures(fake, [SyntheticVideos.classes.index(name) for name in asked])
     floor = figures(recon, truth)
-    cells = lambda f, k: f"{f[k][0]:.1f}% (box fill {f[k][1]:.2f})" if k in f else "-"
-    print("class asked, read back: " + "; ".join(
-        f"{name}: samples {cells(ours, k)}, reconstructions {cells(floor, k)}"
-        for k, name in enumerate(SyntheticVideos.classes)) + f" (frames whose shape reads as the kind; a disc fills "
-        f"0.79 of its box, a square 1; above {SQUARE_FILL} reads as a square)")
+    cell = lambda f, k: (f"{f[k][0]:.1f}% ({f[k][1]:.1f}% of frames showing one; box fill {f[k][2]:.2f})"  # noqa
+                         if k in f else "-")
+    for k, name in enumerate(SyntheticVideos.classes):
+        print(f"class {name}: frames whose shape reads as a {name}: samples asked for it {cell(ours, k)}, "
+              f"reconstructions of real {name}s {cell(floor, k)}")
+    print(f"(a disc fills 0.79 of its bounding box, a square 1; a mask filling more than {SQUARE_FILL} reads as a "
+          "square)")
 
 
 def print_outlines(real, recon, naive_size):

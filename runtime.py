@@ -224,6 +224,94 @@ def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
     return rebuilt(path, build).to(device).eval()
 
 
+# ----------------------------------------------------------------------------------------------
+# A training run: what each trainer's main() calls, so that its loop shows only the model's work
+# ----------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run of `kind` ("autoencoder" or "diffusion"): the process and its device, the output folder (locked;
+    a trained checkpoint is never overwritten), the checkpoint to continue on --resume, the log, and what every step
+    ends with: the loss averaged over the ranks, the NaN check, the log line and, every --save-every steps, the save."""
+
+    def __init__(self, args, kind):
+        self.args, self.kind = args, kind
+        self.rank, self.world, self.device = init_process(args)
+        self.path = prepare_out(args, f"{kind}.pt", self.rank, self.world)
+        self.ckpt = load_checkpoint(self.path, kind, resume=True) if args.resume else {}
+        self.step = self.ckpt.get("step", 0)
+
+    def fail(self, message):
+        fail(message, self.world > 1)
+
+    def log(self, text):
+        log(self.rank, self.args.out, text)
+
+    def resume(self, configs, **states):
+        """On --resume: refuse a checkpoint of other configs ({checkpoint key: config}), then load the `states`
+        (model=..., optimizer=...) and the random streams, so the run goes on as if it had never stopped."""
+        if not self.args.resume:
+            return
+        differs = [change for key, cfg in configs.items() for change in config_changes(self.ckpt[key], cfg)]
+        if differs:
+            self.fail(f"{self.path} was trained with a different config ({'; '.join(differs)}); resume with its "
+                      "flags, or start a new --out.")
+        load_states(self.path, self.ckpt, **states)
+        restore_rng(self.ckpt.get("rng"), self.rank, self.device, self.path)
+
+    def prepare(self, model, scalers=("scaler",)):
+        """The model wrapped for DDP under torchrun (as it is alone), and fp16's loss scaler for each name."""
+        return wrap_ddp(model, self.device, self.world), *(
+            new_scaler(self.device, self.args, self.ckpt.get(key), self.path) for key in scalers)
+
+    def start(self, dataset, recipe, sized_step):
+        """The batches of this rank from the step reached, once the recipe is said and, for the paper preset, the
+        memory checked (sized_step(batch) -> (model, loss) on fake tensors). --start-over sets the old checkpoint aside
+        only now, once every input is checked, and Ctrl-C from here on ends the run in one line."""
+        args = self.args
+        self.log(f"recipe (preset {args.preset}): " + ", ".join(f"{key} {getattr(args, key)}" for key in recipe)
+                 + f", precision {args.precision}")
+        say_if_done(self.rank, args, self.path, self.step)
+        need = check_fits(args, self.device, self.world, sized_step)
+        if need:
+            self.log(f"memory: about {need / 2**30:.1f} GB per training step at batch {args.batch_size // self.world} "
+                     f"per process (estimated on fake tensors)")
+        self.stop_if_interrupted = begin_training(args, self.path, self.rank)
+        self.meter = TrainingMeter(self.device, self.step, args, say=self.log)
+        return batches(dataset, args.batch_size // self.world, self.rank, self.world, args.seed, self.step,
+                       args.workers)
+
+    def set_learning_rate(self, *optimizers):
+        """This step's rate (warm-up, then cosine or constant) into the optimisers; returns it."""
+        self.stop_if_interrupted()  # Ctrl-C in a finaliser is acted on here (see begin_training)
+        lr = learning_rate(self.step, self.args)
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
+        return lr
+
+    def end_step(self, loss, saved, text=""):
+        """Count the step; stop on a non-finite loss, or on non-finite weights in the modules `saved` when this step
+        saves; log. Returns whether this step saves (the caller then builds the checkpoint and calls save)."""
+        args, self.step = self.args, self.step + 1
+        loss_value = mean_over_ranks(loss, self.world)
+        saving = self.step % args.save_every == 0 or self.step == args.steps
+        check_finite(loss_value, self.step, self.path, saved if saving else [])
+        self.rng = rng_states(self.device, self.world) if saving else None  # gathered from every rank
+        self.meter.project(self.step)  # once, a few steps in: the time to --steps at this pace
+        if self.step % args.log_every == 0 or self.step == args.steps:
+            self.log(f"step {self.step:6d} | loss {loss_value:.4f}{text} | lr {learning_rate(self.step - 1, args):.2e} "
+                     f"| {self.meter.line(self.step)}")
+        return saving and self.rank == 0
+
+    def save(self, ckpt):
+        """Write the checkpoint (atomically; refused if anything in it is NaN), with the step, args and random state."""
+        save_checkpoint({"kind": self.kind, **ckpt, "step": self.step, "args": vars(self.args), "rng": self.rng},
+                        self.path)
+
+    def finish(self):
+        teardown(self.world)
+
+
 # ==============================================================================================
 # A first reading can stop here. What follows keeps runs safe and changes nothing a model learns.
 # ==============================================================================================
@@ -295,11 +383,24 @@ def add_data_args(p):
 LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, which the tiny presets are sized for
 
 
-def parse_for_data(parser, argv, data_defaults):
-    """Parse argv with the chosen --data's defaults from `data_defaults`: each quick start runs with no extra flag."""
+def preset_help(stage, key, text=""):
+    """A flag's help with what each preset of pvdm.PRESETS sets it to, as --help shows it."""
+    values = "; ".join(f"{name}: {preset[stage][key]}" for name, preset in pvdm.PRESETS.items())
+    return f"{text} (default: the preset's; {values})".lstrip()
+
+
+def parse_for_data(parser, argv, data_defaults, stage):
+    """Parse argv; a flag left out takes the chosen --data's default from `data_defaults` (so each quick start runs
+    with no extra flag), else the preset's from pvdm.PRESETS[preset][stage]. The preset is tiny on the quick starts'
+    data and paper on the others, unless --preset says."""
     chosen = parser.parse_known_args(argv)[0].data
     parser.set_defaults(**data_defaults.get(chosen, {}))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.preset = args.preset or ("tiny" if args.data in LAPTOP_DATA else "paper")
+    for key, value in pvdm.PRESETS[args.preset][stage].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def num_shapes_option(args, trained=None):
@@ -309,19 +410,21 @@ def num_shapes_option(args, trained=None):
     return {} if num_shapes is None else {"num_shapes": num_shapes}
 
 
-def add_common_args(p, out, steps, batch_size):
-    """Flags both training stages share. --batch-size is the global batch, split evenly over the ranks."""
+def add_common_args(p, out, stage):
+    """Flags both training stages share; `stage` names their defaults' row of pvdm.PRESETS. --batch-size is the global
+    batch, split evenly over the ranks."""
     add_data_args(p)
     p.add_argument("--resolution", type=int_in(1, 1024), help="frame size (default: the preset's)")
     p.add_argument("--frames", type=int_in(1, 1024), help="frames per clip (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size)
-    p.add_argument("--steps", type=positive_int, default=steps, help="optimiser steps in total")
-    p.add_argument("--warmup", type=non_negative_int, default=100, help="steps of linear learning-rate warm-up")
-    p.add_argument("--lr-decay", choices=["cosine", "constant"], default="cosine",
-                   help="after warm-up: cosine decay to zero at --steps, or a constant rate (the paper's)")
+    p.add_argument("--batch-size", type=positive_int, help=preset_help(stage, "batch_size", "global batch"))
+    p.add_argument("--steps", type=positive_int, help=preset_help(stage, "steps", "optimiser steps in total"))
+    p.add_argument("--warmup", type=non_negative_int, help=preset_help(stage, "warmup", "steps of linear warm-up"))
+    p.add_argument("--lr-decay", choices=["cosine", "constant"],
+                   help=preset_help(stage, "lr_decay", "after warm-up: cosine decay to zero at --steps, or constant"))
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward: less memory, more time")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help=preset_help(stage, "grad_checkpointing", "recompute each block's activations in backward: "
+                                    "less memory, more time"))
     p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
     either = p.add_mutually_exclusive_group()
     either.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -346,10 +449,11 @@ def fail(message, distributed=False):
 
 def check_fits(args, device, world, build):
     """The paper preset, before training allocates: the memory a training step needs on this rank, estimated on fake
-    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward). Memory that is
-    not there is one line naming the flag that fits, not a kernel's kill minutes later. build(batch): (model, loss)."""
+    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward), in bytes.
+    Memory that is not there is one line naming the flag that fits, not a kernel's kill minutes later.
+    build(batch): (model, loss). None for the tiny preset."""
     if args.preset != "paper":
-        return
+        return None
     kept = {}  # storage -> bytes of every tensor saved for backward
 
     def keep(t):
@@ -366,6 +470,7 @@ def check_fits(args, device, world, build):
                "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
         raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
                          f"{args.batch_size // world}, but this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
+    return need
 
 
 def free_ram():

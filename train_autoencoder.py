@@ -15,33 +15,32 @@ import data
 import pvdm
 import runtime
 
+STAGE = "train_autoencoder"  # this script's row of pvdm.PRESETS
 
-# Per-data defaults. synthetic: noisy planes give latents that stage 2 samples in steadier colours (README,
-# Differences). footage (its quick start): the frames sit in memory, so worker processes would only add start-up
-# time at every epoch.
-DATA_DEFAULTS = {"synthetic": dict(latent_noise=0.3),
-                 "footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0)}
+# The footage quick start's own defaults, over the tiny preset's: the frames sit in memory, so worker processes would
+# only add start-up time at every epoch. Every other default is the preset's (pvdm.PRESETS).
+DATA_DEFAULTS = {"footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0, latent_noise=0.0)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's projected autoencoder.")
-    runtime.add_common_args(p, out="runs/autoencoder", steps=1750, batch_size=4)
-    p.add_argument("--preset", choices=sorted(pvdm.AUTOENCODER_PRESETS),
-                   help="model size (default: tiny on synthetic data, paper otherwise)")
+    runtime.add_common_args(p, out="runs/autoencoder", stage=STAGE)
+    preset = lambda key, text="": runtime.preset_help(STAGE, key, text)  # noqa: E731  the help, with the presets'
+    p.add_argument("--preset", choices=sorted(pvdm.PRESETS),
+                   help="model size and recipe (default: tiny on synthetic data and footage, paper otherwise)")
     p.add_argument("--patch", type=runtime.int_in(1, 64),
                    help="side p of the patches each token covers (default: the preset's)")
     p.add_argument("--latent-channels", type=runtime.int_in(1, 256),
                    help="channels C of each latent plane (default: the preset's)")
-    p.add_argument("--lr", type=runtime.learning_rate_value, default=3e-3, help="the paper uses 1e-4 at its size")
-    p.add_argument("--betas", type=runtime.float_in(0, 1, open_high=True), nargs=2, default=(0.9, 0.99),
-                   help="AdamW betas; paper (0.5, 0.9)")
+    p.add_argument("--lr", type=runtime.learning_rate_value, help=preset("lr", "peak learning rate"))
+    p.add_argument("--betas", type=runtime.float_in(0, 1, open_high=True), nargs=2, help=preset("betas", "AdamW betas"))
     # The paper trains with L1 (+ LPIPS). On sparse moving content L1 pulls the model to the "background
-    # only" solution, which L2 escapes, so L2 is the default here; --l1-weight 1 --l2-weight 0 follows the paper.
-    p.add_argument("--l1-weight", type=runtime.float_in(0), default=0.0, help="weight of the L1 pixel loss")
-    p.add_argument("--l2-weight", type=runtime.float_in(0), default=1.0, help="weight of the L2 (MSE) pixel loss")
-    p.add_argument("--latent-noise", type=runtime.float_in(0), default=0.0,
-                   help="std of Gaussian noise added to the latent planes the decoder learns from (default: 0.3 on "
-                        "synthetic data, else 0): latents stage 2 samples more faithfully, at some cost in PSNR")
+    # only" solution, which L2 escapes, so L2 is the tiny preset's.
+    p.add_argument("--l1-weight", type=runtime.float_in(0), help=preset("l1_weight", "weight of the L1 pixel loss"))
+    p.add_argument("--l2-weight", type=runtime.float_in(0), help=preset("l2_weight", "weight of the L2 pixel loss"))
+    p.add_argument("--latent-noise", type=runtime.float_in(0),
+                   help=preset("latent_noise", "std of Gaussian noise added to the latent planes the decoder learns "
+                               "from: latents stage 2 samples more faithfully, at some cost in PSNR"))
     p.add_argument("--latent-noise-draw", choices=("fixed", "uniform"), default="fixed",
                    help="fixed: every clip's noise has std --latent-noise; uniform: each clip's std is drawn from "
                         "U(0, --latent-noise): sharper reconstructions, samples that lose their shape more often")
@@ -49,7 +48,7 @@ def parse_args(argv=None):
                    help="features per pixel for two 3x3 convolutions after the un-patchify, so neighbouring patches "
                         "meet (0: the paper's linear un-patchify alone): sharper reconstructions, poorer samples")
     p.add_argument("--gan-start", type=runtime.non_negative_int,
-                   help="step at which the adversarial phase begins: a 3D and a 2D PatchGAN (default: never)")
+                   help=preset("gan_start", "step at which the adversarial phase begins: a 3D and a 2D PatchGAN"))
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the hinge term (default 0.1)")
     p.add_argument("--feature-weight", type=runtime.float_in(0),
                    help="weight of feature matching, L1 between the discriminators' activations (default 0.1)")
@@ -59,8 +58,7 @@ def parse_args(argv=None):
                    help="mirror clips left-right and play them backwards, each with probability 1/2: more real-looking "
                         "clips from a few videos")
     p.add_argument("--eval-clips", type=runtime.positive_int, default=32, help="held-out clips for PSNR at each save")
-    args = runtime.parse_for_data(p, argv, DATA_DEFAULTS)
-    args.preset = args.preset or ("tiny" if args.data in runtime.LAPTOP_DATA else "paper")
+    args = runtime.parse_for_data(p, argv, DATA_DEFAULTS, STAGE)
     for flag, value, default in (("--gan-weight", args.gan_weight, 0.1),
                                  ("--feature-weight", args.feature_weight, 0.1)):
         if value is not None and args.gan_start is None:
@@ -119,42 +117,22 @@ def save_preview(out, step, real, recon):
     data.write_video(os.path.join(out, f"recon_{step:07d}.mp4"), torch.cat([real[:4], recon[:4]], dim=-1))
 
 
+def check_resumable(run, disc, num_shapes):
+    """What --resume must keep beyond the model config: the discriminators, and the synthetic shapes per video."""
+    if "disc" in run.ckpt and not disc:  # resuming without it would drop the discriminator and its optimiser
+        run.fail(f"{run.path} holds a discriminator and its optimiser; resume with --gan-start "
+                 f"{run.ckpt['args'].get('gan_start')} to keep them.")
+    trained = runtime.trained_num_shapes(run.ckpt) if run.ckpt else None
+    if None not in (trained, num_shapes) and trained != num_shapes:
+        run.fail(f"{run.path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with --num-shapes "
+                 f"{trained}.")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = model_config(args)
-    rank, world, device = runtime.init_process(args)
-    # locked; a trained checkpoint is never overwritten
-    ckpt_path = runtime.prepare_out(args, "autoencoder.pt", rank, world)
-
-    # model, discriminator and optimisers; on resume everything comes back from the checkpoint
-    model = pvdm.ProjectedAutoencoder(cfg).to(device)
-    disc = pvdm.Discriminators().to(device) if args.gan_start is not None else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9)) if disc else None
-    step = 0
-    if args.resume:
-        ckpt = runtime.load_checkpoint(ckpt_path, "autoencoder", resume=True)
-        differs = runtime.config_changes(ckpt["config"], cfg)
-        if differs:
-            runtime.fail(f"{ckpt_path} was trained with a different model config ({'; '.join(differs)}); resume "
-                         "with the same flags.", world > 1)
-        if "disc" in ckpt and not disc:  # resuming without it would drop the discriminator and its optimiser
-            gan_start = ckpt.get("args", {}).get("gan_start")
-            runtime.fail(f"{ckpt_path} holds a discriminator and its optimiser; resume with --gan-start {gan_start} "
-                         "to keep them.", world > 1)
-        runtime.load_states(ckpt_path, ckpt, model=model, optimizer=opt)
-        if disc and "disc" in ckpt:
-            runtime.load_states(ckpt_path, ckpt, disc=disc, disc_optimizer=disc_opt)
-        step = ckpt["step"]
-        # the noise of a run that never stopped (--latent-noise)
-        runtime.restore_rng(ckpt.get("rng"), rank, device, ckpt_path)
-    ddp, ddp_disc = runtime.wrap_ddp(model, device, world), disc and runtime.wrap_ddp(disc, device, world)
-    # loss scaling, fp16 only
-    scaler, disc_scaler = (runtime.new_scaler(device, args, ckpt.get(key) if args.resume else None, ckpt_path)
-                           for key in ("scaler", "disc_scaler"))
-    n_params = sum(p.numel() for p in model.parameters())
-    runtime.log(rank, args.out, f"autoencoder {args.preset}: {n_params / 1e6:.2f}M parameters, latent planes "
-                f"{cfg.latent_size}, {cfg.latent_channels} channels; {world} process(es) on {device}, {args.precision}")
+    run = runtime.Run(args, "autoencoder")  # process and device, the locked --out, the checkpoint on --resume
+    device = run.device
 
     # data: training clips, and a fixed set of held-out clips for PSNR and previews
     data_args = dict(resolution=cfg.resolution, frames=cfg.frames, frame_stride=args.frame_stride, seed=args.seed,
@@ -163,39 +141,35 @@ def main(argv=None):
         train_set = data.make_dataset(args.data, args.data_dir, split=args.split, **data_args)
         held_out = data.make_dataset(args.data, args.data_dir, split="test", **data_args)
     except data.DataError as e:
-        runtime.fail(str(e), world > 1)
+        run.fail(str(e))
     num_shapes = getattr(train_set, "num_shapes", None)  # synthetic data: recorded for stage 2 and for resuming
-    trained = runtime.trained_num_shapes(ckpt) if args.resume else None
-    if None not in (trained, num_shapes) and trained != num_shapes:
-        runtime.fail(f"{ckpt_path} was trained on {trained} shape(s) per video, not {num_shapes}; resume with "
-                     f"--num-shapes {trained}.", world > 1)
-    runtime.say_if_done(rank, args, ckpt_path, step)
-    # the paper preset: is there the memory? (before the naive code below, which takes half a minute at its size)
-    runtime.check_fits(args, device, world, lambda batch: sized_step(cfg, batch))
-    eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
-    naive = None  # the bar to clear, said beside each held-out PSNR (rank 0 alone evaluates): the best naive code
-    if rank == 0:  # (averages on a coarser grid) of no more values than the latent
-        naive_psnr, naive_size = pvdm.best_naive_psnr(eval_clips, cfg.latent_values)
-        grid = "x".join(map(str, naive_size))
-        naive = f"best naive code of <= {cfg.latent_values} values, a {grid} grid: {naive_psnr:.2f} dB"
-    stream = runtime.batches(train_set, args.batch_size // world, rank, world, args.seed, step, args.workers)
 
-    # --start-over sets the old checkpoint aside now
-    stop_if_interrupted = runtime.begin_training(args, ckpt_path, rank)
-    meter = runtime.TrainingMeter(device, step, args, say=lambda text: runtime.log(rank, args.out, text))
-    while step < args.steps:
-        stop_if_interrupted()  # Ctrl-C ends the run in one line (see runtime.begin_training)
+    # model, discriminators and optimisers; on --resume their states come back from the checkpoint
+    model = pvdm.ProjectedAutoencoder(cfg).to(device)
+    disc = pvdm.Discriminators().to(device) if args.gan_start is not None else None
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9)) if disc else None
+    check_resumable(run, disc, num_shapes)
+    run.resume({"config": cfg}, model=model, optimizer=opt,
+               **(dict(disc=disc, disc_optimizer=disc_opt) if disc and "disc" in run.ckpt else {}))
+    (ddp, scaler, disc_scaler), ddp_disc = run.prepare(model, ("scaler", "disc_scaler")), disc and run.prepare(disc)[0]
+    run.log(f"autoencoder {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, latent "
+            f"planes {cfg.latent_size}, {cfg.latent_channels} channels; {run.world} process(es) on {device}")
+
+    stream = run.start(train_set, pvdm.PRESETS[args.preset][STAGE], lambda batch: sized_step(cfg, batch))
+    # the bar to clear, said beside each held-out PSNR: the best naive code (averages on a coarser grid) of no more
+    # values than the latent (rank 0 alone evaluates; at the paper's size it takes half a minute)
+    eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
+    naive_psnr, grid = pvdm.best_naive_psnr(eval_clips, cfg.latent_values) if run.rank == 0 else (0, ())
+    naive = f"best naive code of <= {cfg.latent_values} values, a {'x'.join(map(str, grid))} grid: {naive_psnr:.2f} dB"
+    while run.step < args.steps:
         x = next(stream)
-        if args.augment:
-            x = augment(x, args.seed, step)
-        x = x.to(device, non_blocking=True)
-        lr = runtime.learning_rate(step, args)  # this step's rate: warm-up, then cosine (or constant)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # reconstruction (plus, after --gan-start, fooling the discriminator)
+        x = (augment(x, args.seed, run.step) if args.augment else x).to(device, non_blocking=True)
+        run.set_learning_rate(opt)
+        # reconstruction (plus, after --gan-start, fooling the discriminators)
         with runtime.autocast(device, args.precision):
             loss, x_hat = ddp(x)
-            gan_on = disc is not None and step >= args.gan_start
+            gan_on = disc is not None and run.step >= args.gan_start
             if gan_on:  # the 2D discriminator judges one frame per clip (the gradients it gets here are dropped)
                 frame_ids = torch.randint(cfg.frames, (len(x),), device=device)
                 with torch.no_grad():
@@ -214,31 +188,20 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)  # as the official code: a judge that moves slowly
             disc_scaler.step(disc_opt)
             disc_scaler.update()
-        step += 1
 
-        loss_value = runtime.mean_over_ranks(loss, world)
-        saving = step % args.save_every == 0 or step == args.steps
-        runtime.check_finite(loss_value, step, ckpt_path, [m for m in (model, disc) if saving and m is not None])
-        rng = runtime.rng_states(device, world) if saving else None  # gathered from every rank
-        meter.project(step)  # once, a few steps in: the time to --steps at this pace
-        if step % args.log_every == 0 or step == args.steps:
-            gan = f" | d_loss {runtime.mean_over_ranks(d_loss, world):.4f}" if gan_on else ""
-            runtime.log(rank, args.out,
-                        f"step {step:6d} | loss {loss_value:.4f}{gan} | lr {lr:.2e} | {meter.line(step)}")
-        if rank == 0 and saving:
+        gan = f" | d_loss {runtime.mean_over_ranks(d_loss, run.world):.4f}" if gan_on else ""
+        if run.end_step(loss, [m for m in (model, disc) if m is not None], gan):  # rank 0, every --save-every steps
             psnr, recon = held_out_psnr(model, eval_clips, device, args.precision)
-            ckpt = {"kind": "autoencoder", "config": asdict(cfg), "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes, "rng": rng,
+            ckpt = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "fingerprint": pvdm.fingerprint(model), "psnr": psnr, "num_shapes": num_shapes,
                     "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict()}
             if disc:
                 ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-            # refuses NaN or inf weights: a good checkpoint is never replaced by them
-            runtime.save_checkpoint(ckpt, ckpt_path)
-            save_preview(args.out, step, eval_clips, recon)
-            runtime.log(rank, args.out, f"step {step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips "
-                        f"({naive}) | saved {ckpt_path}")
-    runtime.teardown(world)
+            run.save(ckpt)
+            save_preview(args.out, run.step, eval_clips, recon)
+            run.log(f"step {run.step:6d} | held-out PSNR {psnr:.2f} dB on {len(eval_clips)} clips ({naive}) | saved "
+                    f"{run.path}")
+    run.finish()
     return model
 
 
