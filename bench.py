@@ -594,9 +594,13 @@ def main():
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of the tiny steps")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--data-loading", action="store_true", help="only measure data.py's clips per second")
+    parser.add_argument("--paper-defaults", action="store_true",
+                        help="only estimate the memory of the paper preset's default training steps (bf16)")
     args = parser.parse_args()
     if args.data_loading:
         return bench_data_loading()
+    if args.paper_defaults:
+        return bench_paper_defaults(args.gpu_mem)
     device = torch.device(args.device)
     if args.threads:  # on a CPU shared with other jobs, fewer threads than cores can be much faster
         torch.set_num_threads(args.threads)
@@ -653,6 +657,20 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def bench_paper_defaults(gpu_mem):
+    """The training steps `train_autoencoder.py --data ucf101` and `train_diffusion.py --data ucf101` take by default:
+    the paper preset's batch and activation checkpointing (pvdm.PRESETS), in bf16 as on CUDA, against the GPU."""
+    ae_cfg = pvdm.AutoencoderConfig(**pvdm.AUTOENCODER_PRESETS["paper"])
+    stages = {"train_autoencoder": autoencoder_workload(ae_cfg),
+              "train_diffusion": diffusion_workload("paper", ae_cfg.resolution)}
+    for stage, work in stages.items():
+        recipe = pvdm.PRESETS["paper"][stage]
+        need = estimate_train_memory(work, recipe["batch_size"], "bf16", recipe["grad_checkpointing"])
+        print(f"{stage}.py --data ucf101: {work.name} at batch {recipe['batch_size']}, bf16, activation checkpointing "
+              f"{'on' if recipe['grad_checkpointing'] else 'off'}: {need / GB:.2f} GB per training step, of "
+              f"{usable_bytes(gpu_mem) / GB:.1f} GB usable on a {gpu_mem:g} GB GPU")
 
 
 def print_table(out, resolutions, args):

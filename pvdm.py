@@ -2,7 +2,7 @@
 PVDM: video diffusion in a projected latent space (Yu, Sohn, Kim, Shin, CVPR 2023, arXiv 2302.07685).
 
 Read this file top to bottom; it is built bottom-up:
-  1. helpers            sinusoidal embeddings, packing planes, weight averaging, PSNR, naive codes, fingerprints
+  1. helpers            sinusoidal embeddings, packing planes, weight averaging
   2. attention blocks   the transformer pieces the autoencoder is made of
   3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
   4. discriminators     3D and 2D PatchGANs for the autoencoder's adversarial phase
@@ -10,7 +10,8 @@ Read this file top to bottom; it is built bottom-up:
   6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
   7. diffusion          DDPM/DDIM with joint (un)conditional training                 (paper section 3.3)
   8. long videos        this project's extension: clips that overlap the one before (skip on a first read)
-  9. configs            dataclasses and the tiny / paper presets
+  9. configs            dataclasses, and the presets table: every default of tiny and paper
+ 10. measuring          PSNR, the naive codes an autoencoder is judged against, weight fingerprints
 
 One layout convention everywhere: a video is (B, C, T, H, W) with values in [-1, 1].
 Inside the autoencoder, tokens are channels-last (B, T, h, w, D) with h = H / p, w = W / p: frames are
@@ -61,41 +62,6 @@ def update_ema(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
-
-
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB of videos in [-1, 1] (peak-to-peak range 2), averaged over the batch."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(4 / mse.clamp_min(1e-10))).mean().item()
-
-
-def naive_code(x, size):
-    """The naive code of videos x (B, C, T, H, W) at grid size (t, h, w), decoded: x averaged over areas of the grid
-    (down-sampling in time and space), then trilinearly up-sampled back to (T, H, W)."""
-    small = F.adaptive_avg_pool3d(x.float(), size)                            # (B, C, t, h, w): the code
-    return F.interpolate(small, size=x.shape[2:], mode="trilinear", align_corners=False)  # (B, C, T, H, W)
-
-
-def naive_code_sizes(shape, values):
-    """Grid sizes (t, s, s) whose naive code of a (C, T, H, W) video holds at most `values` numbers: for each t the
-    largest square s, so that an autoencoder is judged against a code of no more values than its latent."""
-    C, T, H, W = shape
-    sizes = [(t, min(H, W, math.isqrt(values // (C * t)))) for t in range(1, T + 1)]
-    return [(t, s, s) for t, s in sizes if s > 0]
-
-
-def best_naive_psnr(x, values):
-    """(PSNR, size) of the best naive code of videos x (B, C, T, H, W) with at most `values` numbers per video."""
-    return max((psnr(naive_code(x, size), x), size) for size in naive_code_sizes(x.shape[1:], values))
-
-
-def fingerprint(module):
-    """A short hash of a model's weights: lets a diffusion checkpoint name the exact autoencoder it used."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,7 +572,7 @@ class GaussianDiffusion(nn.Module):
         if label is not None:
             null = torch.full_like(label, len(self.model.cfg.classes))
             label = torch.where(torch.rand(b, device=z0.device) < self.cfg.class_drop, null, label)
-        out = self.model(self.q_sample(z0, t, noise), t, self.noisy_condition(self.align(prev)), use_cond, label)
+        out = self.model(self.q_sample(z0, t, noise), t, self.condition(prev), use_cond, label)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
@@ -628,6 +594,11 @@ class GaussianDiffusion(nn.Module):
         if self.cfg.min_snr_plus_one:  # v's own weight SNR + 1, capped: 1 at the noisiest steps, not about SNR
             return (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)
         return snr.clamp(max=self.cfg.min_snr) / (snr + 1)
+
+    def condition(self, prev, generator=None):
+        """The previous clip's latent as the UNet sees it: as it is in the paper; with this project's long-video
+        additions (section 8), moved onto the frames it shares with the new clip and noised (cfg.cond_noise)."""
+        return self.noisy_condition(self.align(prev), generator)
 
     def align(self, z_prev):
         """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
@@ -680,16 +651,14 @@ class GaussianDiffusion(nn.Module):
         of each video (a class-conditional UNet), None for none."""
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
-        cond = None if prev is None else self.align(prev)
-        shared = shared_rows(self) if cond is not None and self.cfg.overlap else None  # overlapping clips only
-        seen = None if cond is None else self.noisy_condition(cond, generator)  # what the UNet sees, once per clip
+        seen = None if prev is None else self.condition(prev, generator)  # what the UNet sees, once per clip
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             eps = self.guided_eps(z, torch.full((n,), t, device=device), seen, guidance, label, class_guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
-            if shared is not None:
-                z = keep_shared_rows(self, z, cond, shared, t_prev, generator)
+            if prev is not None and self.cfg.overlap:  # section 8: the frames shared with the clip before are held
+                z = keep_shared_rows(self, z, prev, t_prev, generator)
             if progress is not None:
                 progress(i + 1, steps)
         return z
@@ -737,10 +706,11 @@ def shared_rows(diffusion):
     return shared.bool()
 
 
-def keep_shared_rows(diffusion, z, cond, shared, t, generator=None):
-    """After each sampling step the shared rows of z are replaced by the aligned condition noised to level t
-    (clean after the last step), as in inpainting with a diffusion model, so the shared frames agree exactly and
-    the UNet makes the rest fit them."""
+def keep_shared_rows(diffusion, z, prev, t, generator=None):
+    """After each sampling step the shared rows of z are replaced by the previous clip's latent, aligned and noised to
+    level t (clean after the last step), as in inpainting with a diffusion model, so the shared frames agree exactly
+    and the UNet makes the rest fit them."""
+    cond, shared = diffusion.align(prev), shared_rows(diffusion)
     if t >= 0:
         ab = diffusion.alpha_bar[t]
         cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
@@ -875,9 +845,10 @@ class DiffusionConfig:
 # train_diffusion.py read their flags' defaults from it (--preset; tiny on synthetic data and footage, paper on the
 # others), and print the recipe they train. `paper` is the paper's recipe as its official code runs it (AdamW at
 # 1e-4, betas (0.5, 0.9) for stage 1, L1, eps-prediction with plain MSE, cond_prob 0.3, disjoint clips, batch 8 and
-# 64), with bf16 (on CUDA) and activation checkpointing, so that each step fits a 24 GB GPU by bench.py's estimate (9.96 and
-# 10.35 GB). Two parts of its stage 1 are left out: LPIPS (its VGG weights cannot be fetched here) and the
-# adversarial phase (--gan-start; on the quick start it lowers held-out PSNR, README "Differences").
+# 64), with bf16 (on CUDA) and activation checkpointing, so that each step fits a 24 GB GPU by bench.py's estimate
+# (10.7 and 11.1 GB of 20.6 usable: python bench.py --paper-defaults). Two parts of its stage 1 are left out: LPIPS
+# (its VGG weights cannot be fetched here) and the adversarial phase (--gan-start; on the quick start it lowers
+# held-out PSNR, README "Differences").
 # `tiny` is this project's, measured on a 2-core CPU (README "Differences").
 PRESETS = {
     "tiny": {
@@ -917,3 +888,43 @@ def unet_config_for(ae_cfg, preset, **options):
     """The UNet's plane sizes come from the autoencoder it denoises the latents of; `options` set other fields."""
     t, h, _ = ae_cfg.latent_size
     return UNetConfig(latent_channels=ae_cfg.latent_channels, frames=t, size=h, **UNET_PRESETS[preset], **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Measuring: PSNR, naive codes, fingerprints (what the scripts use to judge and check, not the method)
+# ----------------------------------------------------------------------------------------------
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB of videos in [-1, 1] (peak-to-peak range 2), averaged over the batch."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4 / mse.clamp_min(1e-10))).mean().item()
+
+
+def naive_code(x, size):
+    """The naive code of videos x (B, C, T, H, W) at grid size (t, h, w), decoded: x averaged over areas of the grid
+    (down-sampling in time and space), then trilinearly up-sampled back to (T, H, W)."""
+    small = F.adaptive_avg_pool3d(x.float(), size)                            # (B, C, t, h, w): the code
+    return F.interpolate(small, size=x.shape[2:], mode="trilinear", align_corners=False)  # (B, C, T, H, W)
+
+
+def naive_code_sizes(shape, values):
+    """Grid sizes (t, s, s) whose naive code of a (C, T, H, W) video holds at most `values` numbers: for each t the
+    largest square s, so that an autoencoder is judged against a code of no more values than its latent."""
+    C, T, H, W = shape
+    sizes = [(t, min(H, W, math.isqrt(values // (C * t)))) for t in range(1, T + 1)]
+    return [(t, s, s) for t, s in sizes if s > 0]
+
+
+def best_naive_psnr(x, values):
+    """(PSNR, size) of the best naive code of videos x (B, C, T, H, W) with at most `values` numbers per video."""
+    return max((psnr(naive_code(x, size), x), size) for size in naive_code_sizes(x.shape[1:], values))
+
+
+def fingerprint(module):
+    """A short hash of a model's weights: lets a diffusion checkpoint name the exact autoencoder it used."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

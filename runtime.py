@@ -425,7 +425,8 @@ def add_common_args(p, out, stage):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help=preset_help(stage, "grad_checkpointing", "recompute each block's activations in backward: "
                                     "less memory, more time"))
-    p.add_argument("--out", default=out, help="folder for the checkpoint, previews and log")
+    p.add_argument("--out", default=out, help=f"folder for the checkpoint, previews and log (default: {out} on "
+                   f"synthetic data, else runs/DATA/{os.path.basename(out)})")
     either = p.add_mutually_exclusive_group()
     either.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     either.add_argument("--start-over", action="store_true",

@@ -17,9 +17,11 @@ import runtime
 
 STAGE = "train_autoencoder"  # this script's row of pvdm.PRESETS
 
-# The footage quick start's own defaults, over the tiny preset's: the frames sit in memory, so worker processes would
-# only add start-up time at every epoch. Every other default is the preset's (pvdm.PRESETS).
-DATA_DEFAULTS = {"footage": dict(out="runs/footage/autoencoder", steps=1500, workers=0, latent_noise=0.0)}
+# Each dataset's runs go to their own folder. The footage quick start's own defaults, over the tiny preset's: the
+# frames sit in memory, so worker processes would only add start-up time at every epoch. Every other default is the
+# preset's (pvdm.PRESETS).
+DATA_DEFAULTS = {name: dict(out=f"runs/{name}/autoencoder") for name in data.DATASETS if name != "synthetic"}
+DATA_DEFAULTS["footage"].update(steps=1500, workers=0, latent_noise=0.0)
 
 
 def parse_args(argv=None):

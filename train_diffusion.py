@@ -20,17 +20,21 @@ import runtime
 
 STAGE = "train_diffusion"  # this script's row of pvdm.PRESETS
 
-# The footage quick start's own defaults, over the tiny preset's: windows drawn afresh each epoch from the frames in
-# memory, encoded on the fly. Every other default is the preset's (pvdm.PRESETS).
-DATA_DEFAULTS = {"footage": dict(out="runs/footage/diffusion", autoencoder="runs/footage/autoencoder/autoencoder.pt",
-                                 steps=1000, workers=0, cond_noise=0.0)}
+# Each dataset's runs go to their own folder, beside its autoencoder's. The footage quick start's own defaults, over
+# the tiny preset's: windows drawn afresh each epoch from the frames in memory, encoded on the fly. Every other default
+# is the preset's (pvdm.PRESETS).
+DATA_DEFAULTS = {name: dict(out=f"runs/{name}/diffusion", autoencoder=f"runs/{name}/autoencoder/autoencoder.pt")
+                 for name in data.DATASETS if name != "synthetic"}
+DATA_DEFAULTS["footage"].update(steps=1000, workers=0, cond_noise=0.0)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVDM's triplane UNet on autoencoder latents.")
     runtime.add_common_args(p, out="runs/diffusion", stage=STAGE)
     preset = lambda key, text="": runtime.preset_help(STAGE, key, text)  # noqa: E731  the help, with the presets'
-    p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt", help="stage-1 checkpoint")
+    p.add_argument("--autoencoder", default="runs/autoencoder/autoencoder.pt",
+                   help="stage-1 checkpoint (default: runs/autoencoder/autoencoder.pt on synthetic data, else "
+                        "runs/DATA/autoencoder/autoencoder.pt)")
     p.add_argument("--preset", choices=sorted(pvdm.PRESETS),
                    help="UNet size and recipe (default: tiny on synthetic data and footage, paper otherwise)")
     p.add_argument("--lr", type=runtime.learning_rate_value, help=preset("lr", "peak learning rate"))
@@ -196,7 +200,8 @@ def main(argv=None):
     if args.latent_cache:  # encoded once, rather than at every step
         dataset = latent_cache(args, autoencoder, dataset, run)
 
-    stream = run.start(dataset, pvdm.PRESETS[args.preset][STAGE], lambda batch: sized_step(ucfg, dcfg, batch))
+    recipe = [key.replace("overlap_share", "overlap") for key in pvdm.PRESETS[args.preset][STAGE]]  # as resolved
+    stream = run.start(dataset, recipe, lambda batch: sized_step(ucfg, dcfg, batch))
     while run.step < args.steps:
         if args.latent_cache:
             z_prev, z, has_prev, *label = (b.to(device) for b in next(stream))
