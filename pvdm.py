@@ -462,6 +462,8 @@ class TriplaneUNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_flag = nn.Embedding(2, emb_dim)
         self.class_emb = nn.Embedding(len(cfg.classes) + 1, emb_dim) if cfg.classes else None
+        if self.class_emb is not None:  # zero: training starts from the unconditional UNet and adds the classes
+            nn.init.zeros_(self.class_emb.weight)
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
         def block(cin, cout, level, attend):

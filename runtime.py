@@ -1,6 +1,7 @@
 """The run plumbing the scripts share, so each script stays one linear story. Read the first part: set-up (device,
-DDP, precision), batches and the learning rate, logging, checkpoints. A first reading can stop at the line that says
-so; what follows keeps runs safe (flag checks, memory and NaN checks, exact resumption, safe loading, the folder lock).
+DDP, precision), batches and the learning rate, logging, checkpoints, and `Run`, the one object a trainer's main()
+holds. A first reading can stop at the line that says so; what follows keeps runs safe (flag checks, memory and NaN
+checks, exact resumption, safe loading, the folder lock).
 """
 import argparse
 import atexit
@@ -129,6 +130,18 @@ def learning_rate(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def num_shapes_option(args, trained=None):
+    """make_dataset's shape-count option: --num-shapes if given, else `trained` (the shapes per video a model was
+    trained on; pass it for synthetic data only), else none (the set's default)."""
+    num_shapes = args.num_shapes if args.num_shapes is not None else trained
+    return {} if num_shapes is None else {"num_shapes": num_shapes}
+
+
+def trained_num_shapes(ckpt):
+    """Shapes per video of the synthetic clips a checkpoint's model learnt (None: real data; none recorded: two)."""
+    return ckpt.get("num_shapes", 2 if ckpt.get("args", {}).get("data") == "synthetic" else None)
+
+
 def log(rank, out, text):
     """Rank 0 prints and appends to OUT/log.txt."""
     if rank == 0:
@@ -222,6 +235,33 @@ def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
         model.load_state_dict(ckpt["model"])
         return model
     return rebuilt(path, build).to(device).eval()
+
+
+def load_diffusion(path, device, autoencoder_path=None, ema=True):
+    """(autoencoder, diffusion, step, autoencoder path) in eval mode: a trained diffusion model (EMA weights unless
+    ema=False) and the autoencoder its checkpoint records (or the one given), refusing a pair that does not match."""
+    ckpt = load_checkpoint(path, "diffusion")
+    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
+    if not os.path.isfile(autoencoder_path):
+        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
+                         "path with --autoencoder.")
+    autoencoder = load_autoencoder(autoencoder_path, device)
+    ucfg = rebuilt(path, lambda: pvdm.UNetConfig(**ckpt["unet_config"]))
+    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
+    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
+    if ae_shape != unet_shape:
+        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
+                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
+    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, autoencoder_path)
+    weights = "ema" if ema else "model"
+    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg),
+                                                             pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
+    rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
+    for name, module in ((autoencoder_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
+        if nonfinite(module) is not None:
+            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
+                             "checkpoint or train again.")
+    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,13 +443,6 @@ def parse_for_data(parser, argv, data_defaults, stage):
     return args
 
 
-def num_shapes_option(args, trained=None):
-    """make_dataset's shape-count option: --num-shapes if given, else `trained` (the shapes per video a model was
-    trained on; pass it for synthetic data only), else none (the set's default)."""
-    num_shapes = args.num_shapes if args.num_shapes is not None else trained
-    return {} if num_shapes is None else {"num_shapes": num_shapes}
-
-
 def add_common_args(p, out, stage):
     """Flags both training stages share; `stage` names their defaults' row of pvdm.PRESETS. --batch-size is the global
     batch, split evenly over the ranks."""
@@ -539,33 +572,6 @@ def restore_rng(states, rank, device, path):
         rebuilt(path, restore)
 
 
-def load_diffusion(path, device, autoencoder_path=None, ema=True):
-    """(autoencoder, diffusion, step, autoencoder path) in eval mode: a trained diffusion model (EMA weights unless
-    ema=False) and the autoencoder its checkpoint records (or the one given), refusing a pair that does not match."""
-    ckpt = load_checkpoint(path, "diffusion")
-    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
-    if not os.path.isfile(autoencoder_path):
-        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
-                         "path with --autoencoder.")
-    autoencoder = load_autoencoder(autoencoder_path, device)
-    ucfg = rebuilt(path, lambda: pvdm.UNetConfig(**ckpt["unet_config"]))
-    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
-    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
-    if ae_shape != unet_shape:
-        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
-                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
-    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, autoencoder_path)
-    weights = "ema" if ema else "model"
-    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg),
-                                                             pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
-    rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
-    for name, module in ((autoencoder_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
-        if nonfinite(module) is not None:
-            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
-                             "checkpoint or train again.")
-    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
-
-
 def load_file(path, what, fix):
     """The one way a checkpoint or cache is read: torch.load with weights_only=True, so a hostile pickle never runs.
     A missing, empty, truncated, foreign or hostile file is one line naming it and `fix`, what to do."""
@@ -631,10 +637,6 @@ def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
                          f"fingerprint differs); pass the one it was trained with, {record['path']} when it was "
                          "saved (a --start-over run keeps the old one beside the new, renamed with the time).")
 
-
-def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model learnt (None: real data; none recorded: two)."""
-    return ckpt.get("num_shapes", 2 if ckpt.get("args", {}).get("data") == "synthetic" else None)
 
 # ----------------------------------------------------------------------------------------------
 # The output folder: one run at a time, nothing trained overwritten, no stale temporary files
