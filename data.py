@@ -441,6 +441,9 @@ def ucf_classes(videos, videos_root, root):
     found = [f for f in listed if f.is_file()]
     if found:
         rows = [line.split() for line in found[0].read_text().splitlines() if line.strip()]
+        if not all(len(row) == 2 and row[0].isdigit() for row in rows):
+            raise DataError(f"{found[0]} is not UCF-101's class list (lines like '1 ApplyEyeMakeup'); restore it or "
+                            "remove it to use the class folders' names.")
         return [name for _, name in sorted((int(i), name) for i, name in rows)]
     return sorted({v.relative_to(videos_root).parts[0] for v in videos}, key=str.lower)
 

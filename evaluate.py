@@ -761,10 +761,11 @@ def run_recon(args):
         print_outlines(torch.cat([x for x, _ in shapes]), torch.cat([y for _, y in shapes]), best)
 
 
-def print_classes(real, recon, fake, asked):
-    """For samples of a class-conditional model (sample.py --class) on one-shape synthetic data: the share of their
-    frames whose shape reads as the kind asked (of all frames, and of those showing a shape) and the mean fill of its
-    bounding box, per class; beside them the reconstructions of real clips of each kind (the kind most of the real
+def print_classes(real, recon, fake, asked=None):
+    """The shape's kind in each frame (shape_kind) on one-shape synthetic data: for samples of a class-conditional
+    model (sample.py --class; `asked`: the class of each video), the share of frames that read as the kind asked, of
+    all frames and of those showing a shape, and the mean fill of the shape's bounding box; for other samples, the
+    share read as each kind. Beside them the reconstructions of real clips of each kind (the kind most of the real
     clip's frames read as): the floor."""
     def figures(videos, kinds):  # kinds: 0 circle, 1 square per video -> {kind: (% of frames, % of shown, fill)}
         out = {}
@@ -775,16 +776,20 @@ def print_classes(real, recon, fake, asked):
                                                          box_fill(mask).nanmean()]))
         means = {k: torch.stack(v).nanmean(0).tolist() for k, v in out.items()}
         return {k: (100 * right, 100 * right / shown, fill) for k, (right, shown, fill) in means.items()}
-    truth = [int(shape_kind(shape_mask(x)[2]).nanmean().round()) for x in real]
-    ours = figures(fake, [SyntheticVideos.classes.index(name) for name in asked])
-    floor = figures(recon, truth)
-    cell = lambda f, k: (f"{f[k][0]:.1f}% ({f[k][1]:.1f}% of frames showing one; box fill {f[k][2]:.2f})"  # noqa
-                         if k in f else "-")
-    for k, name in enumerate(SyntheticVideos.classes):
-        print(f"class {name}: frames whose shape reads as a {name}: samples asked for it {cell(ours, k)}, "
-              f"reconstructions of real {name}s {cell(floor, k)}")
-    print(f"(a disc fills 0.79 of its bounding box, a square 1; a mask filling more than {SQUARE_FILL} reads as a "
-          "square)")
+    line = lambda f, k: f"{f[k][0]:.1f}% of frames ({f[k][1]:.1f}% of those showing a shape), box fill {f[k][2]:.2f}"
+    names = SyntheticVideos.classes
+    print(f"shape kind, read from each frame's mask (a disc fills 0.79 of its bounding box, a square 1; more than "
+          f"{SQUARE_FILL} reads as a square):")
+    if asked:
+        ours = figures(fake, [names.index(name) for name in asked])
+        for k in sorted(ours):
+            print(f"  samples asked for a {names[k]}, read as one: {line(ours, k)}")
+    else:
+        for k, name in enumerate(names):
+            print(f"  samples read as a {name}: {line(figures(fake, [k] * len(fake)), k)}")
+    floor = figures(recon, [int(shape_kind(shape_mask(x)[2]).nanmean().round()) for x in real])
+    for k in sorted(floor):
+        print(f"  reconstructions of real {names[k]}s, read as one: {line(floor, k)}")
 
 
 def print_outlines(real, recon, naive_size):
@@ -930,8 +935,8 @@ def run_fidelity(args):
         columns = {"real": (real, ends), "reconstructions": (recon, ends), "samples": (fake, windows)}
         fvds = fvd_per_window(i3d, columns, reference, args.batch_size)
     print_fidelity(args, figures, fvds, windows, groups, length, info)
-    if shapes and info.get("classes"):
-        print_classes(real, recon, fake, info["classes"][:len(fake)])
+    if shapes:
+        print_classes(real, recon, fake, info.get("classes") and info["classes"][:len(fake)])
 
 
 def print_fidelity(args, figures, fvds, windows, groups, length, info):

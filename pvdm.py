@@ -262,6 +262,9 @@ class ProjectedAutoencoder(nn.Module):
             planes = [z + std * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
+        if self.cfg.gradient_weight:  # L2 on the differences between neighbouring pixels: edges and corners
+            edges = sum((x_hat.diff(dim=d) - x.diff(dim=d)).pow(2).mean() for d in (3, 4))  # along H and W
+            loss = loss + self.cfg.gradient_weight * edges
         return loss, x_hat
 
 
@@ -763,6 +766,7 @@ class AutoencoderConfig:
     latent_channels: int = 4
     l1_weight: float = 0.0  # the paper's pixel loss is L1; see train_autoencoder.py for why L2 is the default
     l2_weight: float = 1.0
+    gradient_weight: float = 0.0  # weight of L2 on spatial pixel differences (Mathieu et al. 2016's gradient loss)
     latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
     latent_noise_draw: str = "fixed"  # "fixed": that std for every clip; "uniform": each clip's from U(0, that std)
     pixel_head: int = 0  # features per pixel for 3x3 convolutions after the un-patchify; 0: the paper's linear one

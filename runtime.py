@@ -329,13 +329,14 @@ class Run:
             group["lr"] = lr
         return lr
 
-    def end_step(self, loss, saved, text=""):
-        """Count the step; stop on a non-finite loss, or on non-finite weights in the modules `saved` when this step
-        saves; log. Returns whether this step saves (the caller then builds the checkpoint and calls save)."""
+    def end_step(self, loss, modules, text=""):
+        """Count the step; stop on a non-finite loss, or on non-finite weights in `modules` when this step saves; log
+        (with `text` after the loss). Returns whether this step saves (the caller then builds the checkpoint and calls
+        save) on this rank."""
         args, self.step = self.args, self.step + 1
         loss_value = mean_over_ranks(loss, self.world)
         saving = self.step % args.save_every == 0 or self.step == args.steps
-        check_finite(loss_value, self.step, self.path, saved if saving else [])
+        check_finite(loss_value, self.step, self.path, modules if saving else [])
         self.rng = rng_states(self.device, self.world) if saving else None  # gathered from every rank
         self.meter.project(self.step)  # once, a few steps in: the time to --steps at this pace
         if self.step % args.log_every == 0 or self.step == args.steps:

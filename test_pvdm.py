@@ -10,6 +10,8 @@ import json
 import math
 import os
 import pickle
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -180,6 +182,20 @@ def test_tiny_autoencoder_overfits_one_clip():
         opt.step()
     end = pvdm.psnr(ae.eval().decode(ae.encode(x)), x)
     assert end > 26 and end > start + 15, (start, end)
+
+
+def test_gradient_weight_adds_the_error_in_neighbouring_pixel_differences():
+    """--gradient-weight w adds w * (mean squared error of the differences along H + along W) to the pixel loss, a
+    term that a constant shift of the whole frame does not pay and a blurred edge does."""
+    torch.manual_seed(0)
+    plain, edged = tiny_ae(), tiny_ae(gradient_weight=2.0)
+    edged.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    (loss_plain, x_hat), (loss_edged, _) = plain(x), edged(x)
+    edges = sum((x_hat.diff(dim=d) - x.diff(dim=d)).pow(2).mean() for d in (3, 4))
+    torch.testing.assert_close(loss_edged - loss_plain, 2 * edges)
+    edge_error = lambda y: sum((y.diff(dim=d) - x.diff(dim=d)).pow(2).mean() for d in (3, 4))  # noqa: E731
+    assert edge_error(x + 0.3) < 1e-10 < edge_error(F.avg_pool2d(x.flatten(0, 1), 3, 1, 1).view_as(x))
 
 
 def test_latent_noise_reaches_the_decoder_in_training_only():
@@ -509,6 +525,21 @@ def test_prediction_follows_the_preset_unless_given():
     assert train_diffusion.parse_args(["--data", "ucf101", "--data-dir", "UCF-101"]).prediction == "eps"
     assert train_diffusion.parse_args(["--prediction", "eps"]).prediction == "eps"
     assert train_diffusion.parse_args(["--preset", "paper"]).prediction == "eps"
+
+
+def test_every_training_and_sampling_command_in_the_readme_parses():
+    """The README's bash blocks: each trainer and sample.py command line parses with the scripts' own flags."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    parsed = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        script = next((w for w in words if w.endswith(".py")), None)
+        if script in ("train_autoencoder.py", "train_diffusion.py", "sample.py"):
+            importlib.import_module(script.removesuffix(".py")).parse_args(words[words.index(script) + 1:])
+            parsed.append(script)
+    assert len(parsed) >= 12 and len(set(parsed)) == 3, parsed
 
 
 PAPER_RECIPES = {  # the paper's recipe, as its official code runs it; batch, bf16 and checkpointing to fit 24 GB
@@ -2355,6 +2386,22 @@ def test_outline_figures_score_blocky_and_blurred_copies_below_the_clip():
     for copy in (blocky, blurred):
         worse = evaluate.outline_figures(clips, copy)
         assert worse["iou"].mean() < 0.9 and worse["kind"].mean() < 0.9, {k: v.mean() for k, v in worse.items()}
+
+
+def test_class_line_reads_the_kind_asked_of_each_video(capsys):
+    """Rendered videos labelled with their own kind read as asked; labelled with the other kind, they do not; without
+    classes the shares read as each kind add up to the frames showing a shape."""
+    dataset = make_dataset("synthetic", resolution=32, frames=16, split="test", labels=True)
+    videos = [dataset[i][0] for i in range(12)]
+    kinds = [dataset.classes[dataset[i][1]] for i in range(12)]
+    other = [{"circle": "square", "square": "circle"}[k] for k in kinds]
+
+    def shares(asked):
+        evaluate.print_classes(videos, videos, videos, asked)
+        lines = capsys.readouterr().out.splitlines()
+        return [float(re.search(r"([\d.]+)% of frames", line).group(1)) for line in lines if "samples" in line]
+    assert min(shares(kinds)) > 95 and max(shares(other)) < 5
+    assert sum(shares(None)) == pytest.approx(100, abs=0.5)
 
 
 def test_recon_prints_the_outline_beside_the_naive_code_and_real_clips(saved_autoencoder, capsys):

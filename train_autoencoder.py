@@ -1,9 +1,9 @@
 """
 Stage 1 of PVDM: train the projected autoencoder (video -> three latent planes -> video).
 
-    python train_autoencoder.py                                   # tiny preset, synthetic data, CPU, minutes
-    python train_autoencoder.py --data ucf101 --data-dir UCF-101  # the paper's settings: 256x256, 16 frames
-    torchrun --nproc_per_node 4 train_autoencoder.py ...          # the same script on 4 GPUs (DDP)
+    python train_autoencoder.py                      # tiny preset, synthetic data, CPU, minutes
+    python train_autoencoder.py --data ucf101        # the paper preset: its recipe, 256x256, 16 frames, one 24 GB GPU
+    torchrun --nproc_per_node 4 train_autoencoder.py --data ucf101   # the same script on 4 GPUs (DDP)
 """
 import argparse
 import os
@@ -40,6 +40,9 @@ def parse_args(argv=None):
     # only" solution, which L2 escapes, so L2 is the tiny preset's.
     p.add_argument("--l1-weight", type=runtime.float_in(0), help=preset("l1_weight", "weight of the L1 pixel loss"))
     p.add_argument("--l2-weight", type=runtime.float_in(0), help=preset("l2_weight", "weight of the L2 pixel loss"))
+    p.add_argument("--gradient-weight", type=runtime.float_in(0), default=0.0,
+                   help="weight of L2 on the differences between neighbouring pixels, which pays for edges and corners "
+                        "that a pixel loss blurs (README, Differences)")
     p.add_argument("--latent-noise", type=runtime.float_in(0),
                    help=preset("latent_noise", "std of Gaussian noise added to the latent planes the decoder learns "
                                "from: latents stage 2 samples more faithfully, at some cost in PSNR"))
@@ -77,7 +80,8 @@ def parse_args(argv=None):
 
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
-               latent_noise=args.latent_noise, latent_noise_draw=args.latent_noise_draw, pixel_head=args.pixel_head,
+               gradient_weight=args.gradient_weight, latent_noise=args.latent_noise,
+               latent_noise_draw=args.latent_noise_draw, pixel_head=args.pixel_head,
                grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
              ("latent_channels", args.latent_channels))

@@ -2,9 +2,9 @@
 Stage 2 of PVDM: train the triplane UNet on the frozen autoencoder's latents, jointly unconditional and
 conditioned on the previous clip (paper section 3.3), so sample.py can make videos of any length.
 
-    python train_diffusion.py                                    # after train_autoencoder.py; tiny, CPU
-    python train_diffusion.py --data ucf101 --data-dir UCF-101 --autoencoder runs/ae_ucf/autoencoder.pt
-    torchrun --nproc_per_node 4 train_diffusion.py ...           # DDP over 4 GPUs
+    python train_diffusion.py                        # after train_autoencoder.py; tiny, CPU
+    python train_diffusion.py --data ucf101          # the paper preset, on runs/ucf101/autoencoder/autoencoder.pt
+    torchrun --nproc_per_node 4 train_diffusion.py --data ucf101     # DDP over 4 GPUs
 """
 import argparse
 import copy
