@@ -467,6 +467,9 @@ class TriplaneUNet(nn.Module):
         self.class_emb = nn.Embedding(len(cfg.classes) + 1, emb_dim) if cfg.classes else None
         if self.class_emb is not None:  # zero: training starts from the unconditional UNet and adds the classes
             nn.init.zeros_(self.class_emb.weight)
+        self.level_emb = nn.Linear(base, emb_dim) if cfg.cond_level else None  # the condition's noise level
+        if self.level_emb is not None:  # zero, likewise: training starts from the UNet that is not told the level
+            nn.init.zeros_(self.level_emb.weight), nn.init.zeros_(self.level_emb.bias)
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
         def block(cin, cout, level, attend):
@@ -496,14 +499,16 @@ class TriplaneUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # start as a zero predictor: a stable first step
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, z, t, cond, has_cond, label=None):
+    def forward(self, z, t, cond, has_cond, label=None, level=None):
         """z, cond (B, C, N) packed latents; t (B,) timesteps; has_cond (B,) bool; label (B,) class indices, or None
-        for the null class."""
+        for the null class; level (B,) the std of the noise on the condition (read with cfg.cond_level only)."""
         cfg = self.cfg
         cond = cond * has_cond[:, None, None].to(cond.dtype)  # a missing condition is zeros *and* flagged
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.cond_flag(has_cond.long())  # (B, E)
         if self.class_emb is not None:
             emb = emb + self.class_emb(torch.full_like(t, len(cfg.classes)) if label is None else label)
+        if self.level_emb is not None:
+            emb = emb + self.level_emb(timestep_embedding(1000 * level, cfg.base_channels))
         zc = torch.cat([z, cond], dim=1)  # (B, 2C, N): the condition enters on channels
         planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
         hs = [planes]
@@ -577,7 +582,8 @@ class GaussianDiffusion(nn.Module):
         if label is not None:
             null = torch.full_like(label, len(self.model.cfg.classes))
             label = torch.where(torch.rand(b, device=z0.device) < self.cfg.class_drop, null, label)
-        out = self.model(self.q_sample(z0, t, noise), t, self.condition(prev), use_cond, label)
+        level = self.cond_levels(b, z0.device, training=True)  # (B,) std of the noise on each condition
+        out = self.model(self.q_sample(z0, t, noise), t, self.condition(prev, level), use_cond, label, level)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
@@ -600,10 +606,10 @@ class GaussianDiffusion(nn.Module):
             return (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)
         return snr.clamp(max=self.cfg.min_snr) / (snr + 1)
 
-    def condition(self, prev, generator=None):
+    def condition(self, prev, level, generator=None):
         """The previous clip's latent as the UNet sees it: as it is in the paper; with this project's long-video
-        additions (section 8), moved onto the frames it shares with the new clip and noised (cfg.cond_noise)."""
-        return self.noisy_condition(self.align(prev), generator)
+        additions (section 8), moved onto the frames it shares with the new clip and noised (std `level`, (B,))."""
+        return self.noisy_condition(self.align(prev), level, generator)
 
     def align(self, z_prev):
         """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
@@ -613,17 +619,25 @@ class GaussianDiffusion(nn.Module):
         m = self.model.cfg
         return align_condition(z_prev, self.cfg.overlap, m.frames, m.size, m.size)
 
-    def noisy_condition(self, cond, generator=None):
-        """The condition as the UNet sees it: with cfg.cond_noise > 0, Gaussian noise of that std added (in training
-        and sampling alike), so the UNet learns to rely on the clip before less literally and one clip's small
-        errors are not copied into the next; on the synthetic quick start long samples then keep their speed."""
-        if not self.cfg.cond_noise:
+    def cond_levels(self, b, device, training=False):
+        """(B,) the std of the noise on each sample's condition: cfg.cond_noise, or in training with cfg.cond_noise_max
+        a draw from U(0, cond_noise_max) per sample, which the UNet is told (noise augmentation, as cascaded diffusion
+        and GameNGen train it), so it learns how far to trust the clip before; sampling uses cfg.cond_noise."""
+        if training and self.cfg.cond_noise_max:
+            return self.cfg.cond_noise_max * torch.rand(b, device=device)
+        return torch.full((b,), self.cfg.cond_noise, device=device)
+
+    def noisy_condition(self, cond, level, generator=None):
+        """The condition as the UNet sees it: Gaussian noise of std level (B,) added (in training and sampling alike),
+        so the UNet learns to rely on the clip before less literally and one clip's small errors are not copied
+        into the next; on the synthetic quick start long samples then keep their speed."""
+        if not (self.cfg.cond_noise or self.cfg.cond_noise_max):
             return cond
-        return cond + self.cfg.cond_noise * torch.randn(cond.shape, generator=generator, device=cond.device)
+        return cond + level[:, None, None] * torch.randn(cond.shape, generator=generator, device=cond.device)
 
     def predict_eps(self, z, t, cond, has_cond, label=None):
         """The UNet's output as a noise prediction, whatever it was trained to predict."""
-        out = self.model(z, t, cond, has_cond, label)
+        out = self.model(z, t, cond, has_cond, label, self.cond_levels(z.shape[0], z.device))
         if self.cfg.prediction == "eps":
             return out
         ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1), float32: in bf16, 1 - ab would lose the small t
@@ -656,7 +670,7 @@ class GaussianDiffusion(nn.Module):
         of each video (a class-conditional UNet), None for none."""
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
-        seen = None if prev is None else self.condition(prev, generator)  # what the UNet sees, once per clip
+        seen = None if prev is None else self.condition(prev, self.cond_levels(n, device), generator)  # once a clip
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
@@ -809,6 +823,7 @@ class UNetConfig:
     heads: int = 4
     grad_checkpointing: bool = False  # recompute each TriplaneBlock in backward: less memory, more time
     classes: tuple = ()  # class names of a class-conditional UNet (train_diffusion.py --class-cond); () for none
+    cond_level: bool = False  # told the std of the noise on its condition (DiffusionConfig.cond_noise_max)
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
@@ -836,6 +851,7 @@ class DiffusionConfig:
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
     min_snr_plus_one: bool = False  # v only: Min-SNR on SNR + 1 (loss_weight), so the noisiest steps keep weight 1
     cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
+    cond_noise_max: float = 0.0  # > 0: in training each sample's std is drawn from U(0, this), and the UNet told it
     class_drop: float = 0.1  # share of training samples whose class becomes the null class (DiT's 10%)
 
     def __post_init__(self):
@@ -843,8 +859,9 @@ class DiffusionConfig:
             raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
         if self.min_snr < 0:
             raise ValueError(f"min_snr must be 0 (off) or positive (got {self.min_snr}).")
-        if self.cond_noise < 0:
-            raise ValueError(f"cond_noise must be 0 (off) or positive (got {self.cond_noise}).")
+        if self.cond_noise < 0 or self.cond_noise_max < 0:
+            raise ValueError(f"cond_noise and cond_noise_max must be 0 (off) or positive (got {self.cond_noise} and "
+                             f"{self.cond_noise_max}).")
 
 
 # Every default of a preset in one table: the models' sizes and each stage's training recipe. train_autoencoder.py and

@@ -444,7 +444,7 @@ class ExactDenoiser(torch.nn.Module):
         super().__init__()
         self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction
 
-    def forward(self, z, t, cond, has_cond, label=None):
+    def forward(self, z, t, cond, has_cond, label=None, level=None):
         ab = self.alpha_bar[t][:, None]  # (B, 1)
         dist = (z[:, None] - ab[:, :, None, None].sqrt() * self.points).pow(2).flatten(2).sum(2)  # (B, K)
         weights = torch.softmax(-dist / (2 * (1 - ab)), dim=1)  # posterior over the points given z_t
@@ -624,7 +624,7 @@ def test_training_drops_the_class_for_a_share_of_samples():
     class Spy(torch.nn.Module):
         cfg = SimpleNamespace(classes=("a", "b", "c"))
 
-        def forward(self, z, t, cond, has_cond, label=None):
+        def forward(self, z, t, cond, has_cond, label=None, level=None):
             seen.append(label)
             return torch.zeros_like(z)
 
@@ -663,7 +663,7 @@ def test_joint_training_conditions_only_where_a_previous_clip_exists():
     class Spy(torch.nn.Module):
         cfg = None
 
-        def forward(self, z, t, cond, has_cond, label=None):
+        def forward(self, z, t, cond, has_cond, label=None, level=None):
             seen.append(has_cond.clone())
             return torch.zeros_like(z)
 
@@ -681,7 +681,7 @@ def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_share
     class Spy(torch.nn.Module):
         cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
 
-        def forward(self, z, t, cond, has_cond, label=None):
+        def forward(self, z, t, cond, has_cond, label=None, level=None):
             seen.append(cond.clone())
             return torch.zeros_like(z)
 
@@ -697,6 +697,44 @@ def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_share
         assert all(torch.equal(seen[1], c) for c in seen[2:])  # one draw per clip, not one per step
         shared = pvdm.shared_rows(diffusion)
         assert torch.equal(torch.where(shared, z, 0), torch.where(shared, aligned, 0))  # kept clean, not noised
+
+
+def test_condition_noise_of_random_strength_is_drawn_per_sample_and_told_to_the_unet():
+    """cond_noise_max: in training each sample's condition gets noise of its own std from U(0, max), and the UNet is
+    given that std; in sampling every clip gets cfg.cond_noise and is told so. A new UNet with the level input equals
+    the one without, whatever the level."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
+
+        def forward(self, z, t, cond, has_cond, label=None, level=None):
+            seen.append((cond.clone(), level.clone()))
+            return torch.zeros_like(z)
+
+    torch.manual_seed(0)
+    prev = torch.zeros(64, 4, Spy.cfg.num_tokens)
+    diffusion = pvdm.GaussianDiffusion(Spy(), pvdm.DiffusionConfig(cond_prob=1.0, cond_noise=0.1, cond_noise_max=0.6))
+    diffusion(prev, prev, torch.ones(64, dtype=torch.bool))
+    cond, level = seen[0]
+    assert level.min() >= 0 and level.max() <= 0.6 and level.std() > 0.1  # one draw per sample, spread over [0, 0.6]
+    assert cond.flatten(1).std(1) == pytest.approx(level, rel=0.15)  # each sample noised at the level it is told
+    seen.clear()
+    diffusion.sample(2, prev[:2], steps=2, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(level, torch.full((2,), 0.1)) for _, level in seen)
+    assert seen[0][0].flatten(1).std(1) == pytest.approx([0.1, 0.1], abs=0.01)
+
+    cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4, base_channels=16, heads=1)
+    plain, told = pvdm.TriplaneUNet(cfg), pvdm.TriplaneUNet(pvdm.UNetConfig(**{**vars(cfg), "cond_level": True}))
+    assert told.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["level_emb.weight", "level_emb.bias"]
+    z, t, flags = torch.randn(2, 4, cfg.num_tokens), torch.tensor([10, 900]), torch.tensor([True, False])
+    with torch.no_grad():
+        for level in (torch.zeros(2), torch.tensor([0.3, 0.6])):
+            assert torch.equal(told(z, t, z, flags, level=level), plain(z, t, z, flags))
+        torch.nn.init.normal_(told.level_emb.weight), torch.nn.init.normal_(told.out[-1].weight)  # as after training
+        assert not torch.allclose(told(z, t, z, flags, level=torch.zeros(2)), told(z, t, z, flags, level=torch.ones(2)))
+    with pytest.raises(ValueError, match="cond_noise_max"):
+        pvdm.DiffusionConfig(cond_noise_max=-0.1)
 
 
 def test_diffusion_loss_is_finite_and_backpropagates():

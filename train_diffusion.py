@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--cond-noise", type=runtime.float_in(0),
                    help=preset("cond_noise", "std of Gaussian noise on the condition the UNet sees, in training and "
                                "sampling (long tiny samples then keep their speed)"))
+    p.add_argument("--cond-noise-max", type=runtime.float_in(0), default=0.0,
+                   help="train on condition noise of a std drawn per sample from U(0, this), the UNet told the std "
+                        "(noise augmentation, as in cascaded diffusion); sampling keeps --cond-noise. 0: off")
     p.add_argument("--class-cond", action="store_true",
                    help="also condition on each video's class (UCF-101's actions, --data folder's first level of "
                         "sub-folders, the synthetic shape's kind), dropped for 10%% of samples, so sample.py --class "
@@ -182,12 +185,13 @@ def main(argv=None):
     # --resume their states come back from the checkpoint
     try:
         ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing,
-                                    classes=tuple(dataset.classes) if args.class_cond else ())
+                                    classes=tuple(dataset.classes) if args.class_cond else (),
+                                    cond_level=args.cond_noise_max > 0)
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
         run.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}")
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
                                 min_snr=args.min_snr, min_snr_plus_one=args.min_snr_plus_one,
-                                cond_noise=args.cond_noise)
+                                cond_noise=args.cond_noise, cond_noise_max=args.cond_noise_max)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet, ema = diffusion.model, copy.deepcopy(diffusion).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
