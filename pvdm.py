@@ -590,21 +590,24 @@ class GaussianDiffusion(nn.Module):
             ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
             target = ab.sqrt() * noise - (1 - ab).sqrt() * z0
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
-        return (self.loss_weight(t) * per_sample).mean()
+        return (self.loss_weight(t, use_cond) * per_sample).mean()
 
-    def loss_weight(self, t):
+    def loss_weight(self, t, conditioned):
         """Weight of each sample's loss (B,) by its timestep: 1 (the paper's plain MSE) unless cfg.min_snr = gamma
         > 0, then Min-SNR-gamma (Hang et al. 2023). An eps loss weighs z_0's squared error by SNR_t, a v loss by
         SNR_t + 1; Min-SNR makes both min(SNR_t, gamma), so the nearly clean steps, where a small model spends
-        its effort on fine detail, stop outweighing the noisy ones, where a clip's layout and motion are decided."""
+        its effort on fine detail, stop outweighing the noisy ones, where a clip's layout and motion are decided.
+        With v, cfg.min_snr_plus_one caps SNR + 1 instead, for all samples or for the unconditioned ones
+        (`conditioned` (B,) False), where a video's first clip, its colours and background, is decided."""
         if not self.cfg.min_snr:
             return torch.ones(t.shape, device=t.device)
         snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])  # (B,) signal-to-noise ratio alpha_bar / (1 - alpha_bar)
         if self.cfg.prediction == "eps":
             return snr.clamp(max=self.cfg.min_snr) / snr
-        if self.cfg.min_snr_plus_one:  # v's own weight SNR + 1, capped: 1 at the noisiest steps, not about SNR
-            return (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)
-        return snr.clamp(max=self.cfg.min_snr) / (snr + 1)
+        min_snr = snr.clamp(max=self.cfg.min_snr) / (snr + 1)  # about SNR, near 0, at the noisiest steps
+        plus_one = (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)  # v's own weight SNR + 1, capped: 1 there
+        return {"none": min_snr, "all": plus_one,
+                "unconditional": torch.where(conditioned, min_snr, plus_one)}[self.cfg.min_snr_plus_one]
 
     def condition(self, prev, level, generator=None):
         """The previous clip's latent as the UNet sees it: as it is in the paper; with this project's long-video
@@ -849,7 +852,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
     overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
-    min_snr_plus_one: bool = False  # v only: Min-SNR on SNR + 1 (loss_weight), so the noisiest steps keep weight 1
+    min_snr_plus_one: str = "none"  # v only: Min-SNR on SNR + 1 (loss_weight) for "all" or "unconditional" samples
     cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
     cond_noise_max: float = 0.0  # > 0: in training each sample's std is drawn from U(0, this), and the UNet told it
     class_drop: float = 0.1  # share of training samples whose class becomes the null class (DiT's 10%)
@@ -859,6 +862,11 @@ class DiffusionConfig:
             raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
         if self.min_snr < 0:
             raise ValueError(f"min_snr must be 0 (off) or positive (got {self.min_snr}).")
+        if isinstance(self.min_snr_plus_one, bool):  # as checkpoints before the choice saved it
+            self.min_snr_plus_one = "all" if self.min_snr_plus_one else "none"
+        if self.min_snr_plus_one not in ("none", "all", "unconditional"):
+            raise ValueError(f"min_snr_plus_one must be 'none', 'all' or 'unconditional' (got "
+                             f"{self.min_snr_plus_one!r}).")
         if self.cond_noise < 0 or self.cond_noise_max < 0:
             raise ValueError(f"cond_noise and cond_noise_max must be 0 (off) or positive (got {self.cond_noise} and "
                              f"{self.cond_noise_max}).")

@@ -496,8 +496,8 @@ class Planted(torch.nn.Module):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
     """Min-SNR (Hang et al. 2023): a model whose z_0 estimate is off by e at timestep t pays min(SNR_t, gamma) e^2,
-    for either target, or min(SNR_t + 1, gamma) e^2 for v with min_snr_plus_one; with min_snr 0 it pays the target's
-    plain MSE. The error e is planted in the output."""
+    for either target, or min(SNR_t + 1, gamma) e^2 for v with min_snr_plus_one ("all" samples, or the "unconditional"
+    ones only); with min_snr 0 it pays the target's plain MSE. The error e is planted in the output."""
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
     z0 = torch.rand(1, 4, diffusion.model.cfg.num_tokens) * 2 - 1
     exact = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, prediction)
@@ -509,13 +509,19 @@ def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
         scale = math.sqrt(snr) if prediction == "eps" else math.sqrt(snr + 1)
         diffusion.model = Planted(exact, e * scale)
         with mock.patch("torch.randint", lambda *a, **k: torch.full((8,), t)):
-            weights = [(0.0, False, snr if prediction == "eps" else snr + 1), (5.0, False, min(snr, 5.0))]
+            plain, min_snr, plus_one = snr if prediction == "eps" else snr + 1, min(snr, 5.0), min(snr + 1, 5.0)
+            # (gamma, min_snr_plus_one, has a previous clip, weight paid)
+            weights = [(0.0, "none", True, plain), (5.0, "none", True, min_snr), (5.0, "none", False, min_snr)]
             if prediction == "v":  # the noisiest steps keep weight 1 (about SNR, near 0, with plain Min-SNR)
-                weights.append((5.0, True, min(snr + 1, 5.0)))
-            for gamma, plus_one, paid in weights:
-                diffusion.cfg.min_snr, diffusion.cfg.min_snr_plus_one = gamma, plus_one
-                loss = diffusion(z0.repeat(8, 1, 1), z0.repeat(8, 1, 1), torch.ones(8, dtype=torch.bool))
-                assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma)
+                weights += [(5.0, "all", True, plus_one), (5.0, "all", False, plus_one),
+                            (5.0, "unconditional", True, min_snr), (5.0, "unconditional", False, plus_one)]
+            for gamma, which, has_prev, paid in weights:
+                diffusion.cfg.min_snr, diffusion.cfg.min_snr_plus_one, diffusion.cfg.cond_prob = gamma, which, 1.0
+                loss = diffusion(z0.repeat(8, 1, 1), z0.repeat(8, 1, 1), torch.full((8,), has_prev))
+                assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma, which, has_prev)
+    assert pvdm.DiffusionConfig(min_snr_plus_one=True).min_snr_plus_one == "all"  # as older checkpoints saved it
+    with pytest.raises(ValueError, match="min_snr_plus_one"):
+        pvdm.DiffusionConfig(min_snr_plus_one="first")
 
 
 def test_prediction_follows_the_preset_unless_given():

@@ -47,9 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--min-snr", type=runtime.float_in(0),
                    help=preset("min_snr", "weigh each timestep's loss by min(SNR, gamma) (Min-SNR, Hang et al. 2023; "
                                "on the tiny preset samples then keep their speed over 128 frames); 0: plain MSE"))
-    p.add_argument("--min-snr-plus-one", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--min-snr-plus-one", nargs="?", const="all", default="none", choices=("all", "unconditional"),
                    help="with v and --min-snr: weigh by min(SNR + 1, gamma) / (SNR + 1), so the noisiest steps, where "
-                        "a clip's colours are decided, keep weight 1 instead of about SNR (near 0)")
+                        "a clip's colours are decided, keep weight 1 instead of about SNR (near 0): for all samples "
+                        "(the flag alone), or for the unconditioned ones only, which make a video's first clip")
     p.add_argument("--overlap", type=runtime.non_negative_int,
                    help=preset("overlap_share", "frames each clip shares with the one before (pvdm.align_condition; "
                                "default: this share of a clip, 12 of 16 on the tiny preset); 0: the paper's disjoint "
@@ -73,7 +74,7 @@ def parse_args(argv=None):
                    help="length of the preview video at each save")
     p.add_argument("--preview-steps", type=runtime.positive_int, default=50, help="DDIM steps for the preview")
     args = runtime.parse_for_data(p, argv, DATA_DEFAULTS, STAGE)
-    if args.min_snr_plus_one and (args.prediction != "v" or not args.min_snr):
+    if args.min_snr_plus_one != "none" and (args.prediction != "v" or not args.min_snr):
         p.error("--min-snr-plus-one changes the Min-SNR weights of v-prediction; add --prediction v and --min-snr, or "
                 "drop it.")
     if args.cache_videos is not None and not args.latent_cache:
