@@ -508,7 +508,7 @@ class TriplaneUNet(nn.Module):
         if self.class_emb is not None:
             emb = emb + self.class_emb(torch.full_like(t, len(cfg.classes)) if label is None else label)
         if self.level_emb is not None:
-            emb = emb + self.level_emb(timestep_embedding(1000 * level, cfg.base_channels))
+            emb = emb + self.level_emb(timestep_embedding(1000 * level, cfg.base_channels))  # std 0..1 on t's scale
         zc = torch.cat([z, cond], dim=1)  # (B, 2C, N): the condition enters on channels
         planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
         hs = [planes]
