@@ -251,15 +251,11 @@ class ProjectedAutoencoder(nn.Module):
         of the 'background only' solution that L1 alone gets stuck in on sparse moving content. With latent_noise
         the decoder learns from planes with Gaussian noise added: the encoder must then keep what it encodes
         further apart than the noise, and stage 2 samples such latents in steadier colours; the decoder learns to
-        read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness;
-        latent_noise_draw "uniform" draws each clip's strength from U(0, latent_noise) (as RAE), which keeps them
-        sharper, but stage 2's samples then lost their shape more often (README, Differences)."""
+        read inexact planes, so sampled shapes come out whole more often. Reconstructions lose some sharpness,
+        which gradient_weight pays back on the edges."""
         planes = self.encode(x)
         if self.training and self.cfg.latent_noise > 0:
-            std = self.cfg.latent_noise  # one strength, or each clip's own from none to latent_noise (B, 1, 1, 1)
-            if self.cfg.latent_noise_draw == "uniform":
-                std = std * torch.rand(x.shape[0], 1, 1, 1, device=x.device)
-            planes = [z + std * torch.randn_like(z) for z in planes]
+            planes = [z + self.cfg.latent_noise * torch.randn_like(z) for z in planes]
         x_hat = self.decode_unclamped(planes)
         loss = self.cfg.l1_weight * (x_hat - x).abs().mean() + self.cfg.l2_weight * (x_hat - x).pow(2).mean()
         if self.cfg.gradient_weight:  # L2 on the differences between neighbouring pixels: edges and corners
@@ -467,9 +463,6 @@ class TriplaneUNet(nn.Module):
         self.class_emb = nn.Embedding(len(cfg.classes) + 1, emb_dim) if cfg.classes else None
         if self.class_emb is not None:  # zero: training starts from the unconditional UNet and adds the classes
             nn.init.zeros_(self.class_emb.weight)
-        self.level_emb = nn.Linear(base, emb_dim) if cfg.cond_level else None  # the condition's noise level
-        if self.level_emb is not None:  # zero, likewise: training starts from the UNet that is not told the level
-            nn.init.zeros_(self.level_emb.weight), nn.init.zeros_(self.level_emb.bias)
         self.input = nn.Conv2d(2 * cfg.latent_channels, base, 3, padding=1)
 
         def block(cin, cout, level, attend):
@@ -499,16 +492,14 @@ class TriplaneUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # start as a zero predictor: a stable first step
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, z, t, cond, has_cond, label=None, level=None):
+    def forward(self, z, t, cond, has_cond, label=None):
         """z, cond (B, C, N) packed latents; t (B,) timesteps; has_cond (B,) bool; label (B,) class indices, or None
-        for the null class; level (B,) the std of the noise on the condition (read with cfg.cond_level only)."""
+        for the null class."""
         cfg = self.cfg
         cond = cond * has_cond[:, None, None].to(cond.dtype)  # a missing condition is zeros *and* flagged
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.cond_flag(has_cond.long())  # (B, E)
         if self.class_emb is not None:
             emb = emb + self.class_emb(torch.full_like(t, len(cfg.classes)) if label is None else label)
-        if self.level_emb is not None:
-            emb = emb + self.level_emb(timestep_embedding(1000 * level, cfg.base_channels))  # std 0..1 on t's scale
         zc = torch.cat([z, cond], dim=1)  # (B, 2C, N): the condition enters on channels
         planes = [self.input(p) for p in unpack(zc, cfg.frames, cfg.size, cfg.size)]  # (B, base, .., ..) each
         hs = [planes]
@@ -582,37 +573,29 @@ class GaussianDiffusion(nn.Module):
         if label is not None:
             null = torch.full_like(label, len(self.model.cfg.classes))
             label = torch.where(torch.rand(b, device=z0.device) < self.cfg.class_drop, null, label)
-        level = self.cond_levels(b, z0.device, training=True)  # (B,) std of the noise on each condition
-        out = self.model(self.q_sample(z0, t, noise), t, self.condition(prev, level), use_cond, label, level)
+        out = self.model(self.q_sample(z0, t, noise), t, self.condition(prev), use_cond, label)
         if self.cfg.prediction == "eps":
             target = noise
         else:  # v: at high noise eps is nearly z_t itself, so an eps loss says little about z_0; v's does
             ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1)
             target = ab.sqrt() * noise - (1 - ab).sqrt() * z0
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
-        return (self.loss_weight(t, use_cond) * per_sample).mean()
+        return (self.loss_weight(t) * per_sample).mean()
 
-    def loss_weight(self, t, conditioned):
+    def loss_weight(self, t):
         """Weight of each sample's loss (B,) by its timestep: 1 (the paper's plain MSE) unless cfg.min_snr = gamma
         > 0, then Min-SNR-gamma (Hang et al. 2023). An eps loss weighs z_0's squared error by SNR_t, a v loss by
         SNR_t + 1; Min-SNR makes both min(SNR_t, gamma), so the nearly clean steps, where a small model spends
-        its effort on fine detail, stop outweighing the noisy ones, where a clip's layout and motion are decided.
-        With v, cfg.min_snr_plus_one caps SNR + 1 instead, for all samples or for the unconditioned ones
-        (`conditioned` (B,) False), where a video's first clip, its colours and background, is decided."""
+        its effort on fine detail, stop outweighing the noisy ones, where a clip's layout and motion are decided."""
         if not self.cfg.min_snr:
             return torch.ones(t.shape, device=t.device)
         snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])  # (B,) signal-to-noise ratio alpha_bar / (1 - alpha_bar)
-        if self.cfg.prediction == "eps":
-            return snr.clamp(max=self.cfg.min_snr) / snr
-        min_snr = snr.clamp(max=self.cfg.min_snr) / (snr + 1)  # about SNR, near 0, at the noisiest steps
-        plus_one = (snr + 1).clamp(max=self.cfg.min_snr) / (snr + 1)  # v's own weight SNR + 1, capped: 1 there
-        return {"none": min_snr, "all": plus_one,
-                "unconditional": torch.where(conditioned, min_snr, plus_one)}[self.cfg.min_snr_plus_one]
+        return snr.clamp(max=self.cfg.min_snr) / (snr if self.cfg.prediction == "eps" else snr + 1)
 
-    def condition(self, prev, level, generator=None):
+    def condition(self, prev, generator=None):
         """The previous clip's latent as the UNet sees it: as it is in the paper; with this project's long-video
-        additions (section 8), moved onto the frames it shares with the new clip and noised (std `level`, (B,))."""
-        return self.noisy_condition(self.align(prev), level, generator)
+        additions (section 8), moved onto the frames it shares with the new clip and noised."""
+        return self.noisy_condition(self.align(prev), generator)
 
     def align(self, z_prev):
         """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
@@ -622,25 +605,17 @@ class GaussianDiffusion(nn.Module):
         m = self.model.cfg
         return align_condition(z_prev, self.cfg.overlap, m.frames, m.size, m.size)
 
-    def cond_levels(self, b, device, training=False):
-        """(B,) the std of the noise on each sample's condition: cfg.cond_noise, or in training with cfg.cond_noise_max
-        a draw from U(0, cond_noise_max) per sample, which the UNet is told (noise augmentation, as cascaded diffusion
-        and GameNGen train it), so it learns how far to trust the clip before; sampling uses cfg.cond_noise."""
-        if training and self.cfg.cond_noise_max:
-            return self.cfg.cond_noise_max * torch.rand(b, device=device)
-        return torch.full((b,), self.cfg.cond_noise, device=device)
-
-    def noisy_condition(self, cond, level, generator=None):
-        """The condition as the UNet sees it: Gaussian noise of std level (B,) added (in training and sampling alike),
+    def noisy_condition(self, cond, generator=None):
+        """The condition as the UNet sees it: Gaussian noise of std cfg.cond_noise added (in training and sampling alike),
         so the UNet learns to rely on the clip before less literally and one clip's small errors are not copied
         into the next; on the synthetic quick start long samples then keep their speed."""
-        if not (self.cfg.cond_noise or self.cfg.cond_noise_max):
+        if not self.cfg.cond_noise:
             return cond
-        return cond + level[:, None, None] * torch.randn(cond.shape, generator=generator, device=cond.device)
+        return cond + self.cfg.cond_noise * torch.randn(cond.shape, generator=generator, device=cond.device)
 
     def predict_eps(self, z, t, cond, has_cond, label=None):
         """The UNet's output as a noise prediction, whatever it was trained to predict."""
-        out = self.model(z, t, cond, has_cond, label, self.cond_levels(z.shape[0], z.device))
+        out = self.model(z, t, cond, has_cond, label)
         if self.cfg.prediction == "eps":
             return out
         ab = self.alpha_bar[t][:, None, None]  # (B, 1, 1), float32: in bf16, 1 - ab would lose the small t
@@ -673,7 +648,7 @@ class GaussianDiffusion(nn.Module):
         of each video (a class-conditional UNet), None for none."""
         cfg, device = self.model.cfg, self.alpha_bar.device
         z = torch.randn((n, cfg.latent_channels, cfg.num_tokens), generator=generator, device=device)
-        seen = None if prev is None else self.condition(prev, self.cond_levels(n, device), generator)  # once a clip
+        seen = None if prev is None else self.condition(prev, generator)  # once a clip
         times = torch.linspace(self.cfg.timesteps - 1, 0, steps, device=device).round().long().tolist()
         for i, t in enumerate(times):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
@@ -785,13 +760,10 @@ class AutoencoderConfig:
     l2_weight: float = 1.0
     gradient_weight: float = 0.0  # weight of L2 on spatial pixel differences (Mathieu et al. 2016's gradient loss)
     latent_noise: float = 0.0  # std of the noise the decoder sees on the planes in training (forward)
-    latent_noise_draw: str = "fixed"  # "fixed": that std for every clip; "uniform": each clip's from U(0, that std)
     pixel_head: int = 0  # features per pixel for 3x3 convolutions after the un-patchify; 0: the paper's linear one
     grad_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.latent_noise_draw not in ("fixed", "uniform"):
-            raise ValueError(f"latent_noise_draw must be 'fixed' or 'uniform' (got {self.latent_noise_draw!r}).")
         if self.resolution % self.patch:
             raise ValueError(f"resolution {self.resolution} is not divisible by the patch size {self.patch}; "
                              "pick a resolution that is a multiple of it.")
@@ -826,7 +798,6 @@ class UNetConfig:
     heads: int = 4
     grad_checkpointing: bool = False  # recompute each TriplaneBlock in backward: less memory, more time
     classes: tuple = ()  # class names of a class-conditional UNet (train_diffusion.py --class-cond); () for none
-    cond_level: bool = False  # told the std of the noise on its condition (DiffusionConfig.cond_noise_max)
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
@@ -852,9 +823,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: "eps" (the paper) or "v"
     overlap: int = 0  # frames a clip shares with the one before (align_condition); 0: the paper's disjoint clips
     min_snr: float = 0.0  # gamma of Min-SNR loss weighting (loss_weight); 0: the paper's plain MSE
-    min_snr_plus_one: str = "none"  # v only: Min-SNR on SNR + 1 (loss_weight) for "all" or "unconditional" samples
     cond_noise: float = 0.0  # std of the noise on the condition the UNet sees (noisy_condition); 0: the paper's
-    cond_noise_max: float = 0.0  # > 0: in training each sample's std is drawn from U(0, this), and the UNet told it
     class_drop: float = 0.1  # share of training samples whose class becomes the null class (DiT's 10%)
 
     def __post_init__(self):
@@ -862,14 +831,8 @@ class DiffusionConfig:
             raise ValueError(f"prediction must be 'eps' or 'v' (got {self.prediction!r}).")
         if self.min_snr < 0:
             raise ValueError(f"min_snr must be 0 (off) or positive (got {self.min_snr}).")
-        if isinstance(self.min_snr_plus_one, bool):  # as checkpoints before the choice saved it
-            self.min_snr_plus_one = "all" if self.min_snr_plus_one else "none"
-        if self.min_snr_plus_one not in ("none", "all", "unconditional"):
-            raise ValueError(f"min_snr_plus_one must be 'none', 'all' or 'unconditional' (got "
-                             f"{self.min_snr_plus_one!r}).")
-        if self.cond_noise < 0 or self.cond_noise_max < 0:
-            raise ValueError(f"cond_noise and cond_noise_max must be 0 (off) or positive (got {self.cond_noise} and "
-                             f"{self.cond_noise_max}).")
+        if self.cond_noise < 0:
+            raise ValueError(f"cond_noise must be 0 (off) or positive (got {self.cond_noise}).")
 
 
 # Every default of a preset in one table: the models' sizes and each stage's training recipe. train_autoencoder.py and
@@ -889,14 +852,28 @@ PRESETS = {
         # one attention head; four (8 and 16 wide) made each CPU step slower for samples that looked alike
         "unet": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=1),
         "train_autoencoder": dict(steps=1750, batch_size=4, lr=3e-3, betas=(0.9, 0.99), warmup=100,
-                                  lr_decay="cosine", l1_weight=0.0, l2_weight=1.0, latent_noise=0.3,
-                                  gan_start=None, grad_checkpointing=False),
+                                  lr_decay="cosine", l1_weight=0.0, l2_weight=1.0, gradient_weight=0.0,
+                                  latent_noise=0.3, gan_start=None, grad_checkpointing=False),
         # overlap_share: clips share 12 of 16 frames. On the synthetic quick start they continued each other better
         # than with 8, at equal training; the price is sampling time: 29 clips make 128 frames, where the paper's
         # disjoint clips need 8 (README, "Long videos").
         "train_diffusion": dict(steps=2500, batch_size=8, lr=2e-3, warmup=100, lr_decay="cosine", prediction="v",
                                 min_snr=5.0, cond_prob=0.7, overlap_share=0.75, cond_noise=0.1,
-                                grad_checkpointing=False),
+                                class_cond=False, grad_checkpointing=False),
+    },
+    # The model shipped in pretrained/: the quick start's recipe with the budget it cannot pay (about 90 minutes on
+    # 2 CPU cores), a wider stage 1 whose pixel head and gradient loss keep outlines and corners, and a wider UNet
+    # that also learns the shape's kind (class_cond) from 10 times the quick start's windows.
+    "shipped": {
+        "autoencoder": dict(resolution=32, frames=16, patch=4, dim=96, depth=2, heads=4, proj_depth=1,
+                            latent_channels=8, pixel_head=16),
+        "unet": dict(base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), heads=1),
+        "train_autoencoder": dict(steps=4000, batch_size=8, lr=2e-3, betas=(0.9, 0.99), warmup=200,
+                                  lr_decay="cosine", l1_weight=0.0, l2_weight=1.0, gradient_weight=1.0,
+                                  latent_noise=0.3, gan_start=None, grad_checkpointing=False),
+        "train_diffusion": dict(steps=9000, batch_size=16, lr=1e-3, warmup=200, lr_decay="cosine", prediction="v",
+                                min_snr=5.0, cond_prob=0.7, overlap_share=0.75, cond_noise=0.1,
+                                class_cond=True, grad_checkpointing=False),
     },
     "paper": {
         "autoencoder": dict(resolution=256, frames=16, patch=8, dim=384, depth=8, heads=8, proj_depth=4,
@@ -904,11 +881,11 @@ PRESETS = {
         "unet": dict(base_channels=256, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
                      heads=8),
         "train_autoencoder": dict(steps=100_000, batch_size=8, lr=1e-4, betas=(0.5, 0.9), warmup=0,
-                                  lr_decay="constant", l1_weight=1.0, l2_weight=0.0, latent_noise=0.0,
-                                  gan_start=None, grad_checkpointing=True),
+                                  lr_decay="constant", l1_weight=1.0, l2_weight=0.0, gradient_weight=0.0,
+                                  latent_noise=0.0, gan_start=None, grad_checkpointing=True),
         "train_diffusion": dict(steps=400_000, batch_size=64, lr=1e-4, warmup=10_000, lr_decay="constant",
                                 prediction="eps", min_snr=0.0, cond_prob=0.3, overlap_share=0.0, cond_noise=0.0,
-                                grad_checkpointing=True),
+                                class_cond=False, grad_checkpointing=True),
     },
 }
 AUTOENCODER_PRESETS = {name: preset["autoencoder"] for name, preset in PRESETS.items()}

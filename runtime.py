@@ -241,7 +241,9 @@ def load_diffusion(path, device, autoencoder_path=None, ema=True):
     """(autoencoder, diffusion, step, autoencoder path) in eval mode: a trained diffusion model (EMA weights unless
     ema=False) and the autoencoder its checkpoint records (or the one given), refusing a pair that does not match."""
     ckpt = load_checkpoint(path, "diffusion")
-    autoencoder_path = autoencoder_path or ckpt["autoencoder"]["path"]
+    autoencoder_path = autoencoder_path or recorded_autoencoder(path, ckpt["autoencoder"]["path"])
+    if not ema and not isinstance(ckpt.get("model"), dict):
+        raise SystemExit(f"error: {path} holds its EMA weights only (an exported model); drop --no-ema.")
     if not os.path.isfile(autoencoder_path):
         raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
                          "path with --autoencoder.")
@@ -262,6 +264,34 @@ def load_diffusion(path, device, autoencoder_path=None, ema=True):
             raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
                              "checkpoint or train again.")
     return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
+
+
+def recorded_autoencoder(path, recorded):
+    """The autoencoder a diffusion checkpoint records, or the file of that name beside it: a folder moved whole
+    (pretrained/, or a run copied elsewhere) still finds its pair."""
+    beside = os.path.join(os.path.dirname(path), os.path.basename(recorded))
+    return beside if not os.path.isfile(recorded) and os.path.isfile(beside) else recorded
+
+
+def export_model(path, out):
+    """The model as shipped: OUT/autoencoder.pt and OUT/diffusion.pt from the stage-2 checkpoint at `path` and the
+    autoencoder it records, weights only (the UNet's EMA, no optimiser or random state) in half precision, which
+    halves the files; loading makes them float32 again. The diffusion file names the exported autoencoder by the
+    fingerprint of its rounded weights."""
+    ckpt = load_checkpoint(path, "diffusion")
+    ae_path = recorded_autoencoder(path, ckpt["autoencoder"]["path"])
+    ae = load_checkpoint(ae_path, "autoencoder")
+    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    os.makedirs(out, exist_ok=True)
+    ae = {k: ae[k] for k in ("kind", "config", "step", "num_shapes")} | {"model": half(ae["model"])}
+    shipped_ae = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ae["config"]))
+    shipped_ae.load_state_dict(ae["model"])
+    save_checkpoint(ae, os.path.join(out, "autoencoder.pt"))
+    record = {"path": os.path.join(out, "autoencoder.pt"), "fingerprint": pvdm.fingerprint(shipped_ae)}
+    keep = ("kind", "unet_config", "diffusion_config", "step")
+    save_checkpoint({k: ckpt[k] for k in keep} | {"ema": half(ckpt["ema"]), "autoencoder": record},
+                    os.path.join(out, "diffusion.pt"))
+    print(f"wrote {out}/autoencoder.pt and {out}/diffusion.pt (step {ckpt['step']} of {path}, EMA weights, fp16)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +623,7 @@ def load_file(path, what, fix):
 
 # What every checkpoint of a kind holds (each entry's type; dotted: an entry inside one), and what resuming needs.
 CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
-                   "diffusion": {"unet_config": dict, "diffusion_config": dict, "model": dict, "ema": dict,
+                   "diffusion": {"unet_config": dict, "diffusion_config": dict, "ema": dict,
                                  "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
 RESUME_KEYS = {"optimizer": dict, "step": int}
 

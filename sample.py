@@ -25,6 +25,10 @@ from runtime import (autocast, device_name, finite_float, float_in, int_in, load
                      non_negative_int, positive_int, resolve_device, run_cleanly, take_lock)
 
 
+QUICK_START = "runs/diffusion/diffusion.pt"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "diffusion.pt")
+
+
 class Continuity:
     """How much consecutive frames differ (mean absolute difference, grey levels 0-255), kept apart for pairs
     inside a clip and pairs across a clip boundary. A model that continues its previous clip makes the two
@@ -88,7 +92,9 @@ def check_out_dir(out, names, formats, overwrite):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample long videos from a trained PVDM, clip by clip.")
-    p.add_argument("--diffusion", default="runs/diffusion/diffusion.pt", help="stage-2 checkpoint")
+    p.add_argument("--diffusion", default=QUICK_START if os.path.exists(QUICK_START) else SHIPPED,
+                   help=f"stage-2 checkpoint (default: the quick start's {QUICK_START} if it exists, else the model "
+                        f"shipped in {os.path.relpath(SHIPPED)})")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one recorded in --diffusion)")
     p.add_argument("--frames", type=positive_int, help="frames per video, any number (default: one clip)")
     p.add_argument("--num-videos", type=positive_int, default=4)
@@ -219,6 +225,8 @@ def save_overview(out, names):
 
 def main(argv=None):
     args = parse_args(argv)
+    shipped = os.path.abspath(args.diffusion) == SHIPPED
+    print(f"model: {args.diffusion}{' (shipped with the code: pretrained/)' if shipped else ''}", file=sys.stderr)
     device = torch.device(args.device)
     autoencoder, diffusion, train_step, args.autoencoder = load_diffusion(args.diffusion, device, args.autoencoder,
                                                                           ema=not args.no_ema)

@@ -40,18 +40,15 @@ def parse_args(argv=None):
     # only" solution, which L2 escapes, so L2 is the tiny preset's.
     p.add_argument("--l1-weight", type=runtime.float_in(0), help=preset("l1_weight", "weight of the L1 pixel loss"))
     p.add_argument("--l2-weight", type=runtime.float_in(0), help=preset("l2_weight", "weight of the L2 pixel loss"))
-    p.add_argument("--gradient-weight", type=runtime.float_in(0), default=0.0,
-                   help="weight of L2 on the differences between neighbouring pixels, which pays for edges and corners "
-                        "that a pixel loss blurs (README, Differences)")
+    p.add_argument("--gradient-weight", type=runtime.float_in(0),
+                   help=preset("gradient_weight", "weight of L2 on the differences between neighbouring pixels, which "
+                               "pays for the edges and corners that a pixel loss blurs"))
     p.add_argument("--latent-noise", type=runtime.float_in(0),
                    help=preset("latent_noise", "std of Gaussian noise added to the latent planes the decoder learns "
                                "from: latents stage 2 samples more faithfully, at some cost in PSNR"))
-    p.add_argument("--latent-noise-draw", choices=("fixed", "uniform"), default="fixed",
-                   help="fixed: every clip's noise has std --latent-noise; uniform: each clip's std is drawn from "
-                        "U(0, --latent-noise): sharper reconstructions, samples that lose their shape more often")
-    p.add_argument("--pixel-head", type=runtime.int_in(0, 256), default=0,
+    p.add_argument("--pixel-head", type=runtime.int_in(0, 256),
                    help="features per pixel for two 3x3 convolutions after the un-patchify, so neighbouring patches "
-                        "meet (0: the paper's linear un-patchify alone): sharper reconstructions, poorer samples")
+                        "meet; 0: the paper's linear un-patchify alone (default: the preset's)")
     p.add_argument("--gan-start", type=runtime.non_negative_int,
                    help=preset("gan_start", "step at which the adversarial phase begins: a 3D and a 2D PatchGAN"))
     p.add_argument("--gan-weight", type=runtime.float_in(0), help="weight of the hinge term (default 0.1)")
@@ -70,9 +67,6 @@ def parse_args(argv=None):
             p.error(f"{flag} weighs part of the adversarial loss, which --gan-start switches on; add --gan-start or "
                     "drop it.")
         setattr(args, flag[2:].replace("-", "_"), default if value is None else value)
-    if args.latent_noise_draw == "uniform" and args.latent_noise == 0:
-        p.error("--latent-noise-draw uniform draws the strength of the --latent-noise, which is 0; give --latent-noise "
-                "a std or drop it.")
     if args.l1_weight == args.l2_weight == 0:
         p.error("--l1-weight and --l2-weight are both 0, so nothing would be learnt; give one of them a weight.")
     return args
@@ -81,10 +75,9 @@ def parse_args(argv=None):
 def model_config(args):
     cfg = dict(pvdm.AUTOENCODER_PRESETS[args.preset], l1_weight=args.l1_weight, l2_weight=args.l2_weight,
                gradient_weight=args.gradient_weight, latent_noise=args.latent_noise,
-               latent_noise_draw=args.latent_noise_draw, pixel_head=args.pixel_head,
                grad_checkpointing=args.grad_checkpointing)
     flags = (("resolution", args.resolution), ("frames", args.frames), ("patch", args.patch),
-             ("latent_channels", args.latent_channels))
+             ("latent_channels", args.latent_channels), ("pixel_head", args.pixel_head))
     cfg.update({k: v for k, v in flags if v is not None})
     try:
         return pvdm.AutoencoderConfig(**cfg)

@@ -47,10 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--min-snr", type=runtime.float_in(0),
                    help=preset("min_snr", "weigh each timestep's loss by min(SNR, gamma) (Min-SNR, Hang et al. 2023; "
                                "on the tiny preset samples then keep their speed over 128 frames); 0: plain MSE"))
-    p.add_argument("--min-snr-plus-one", nargs="?", const="all", default="none", choices=("all", "unconditional"),
-                   help="with v and --min-snr: weigh by min(SNR + 1, gamma) / (SNR + 1), so the noisiest steps, where "
-                        "a clip's colours are decided, keep weight 1 instead of about SNR (near 0): for all samples "
-                        "(the flag alone), or for the unconditioned ones only, which make a video's first clip")
     p.add_argument("--overlap", type=runtime.non_negative_int,
                    help=preset("overlap_share", "frames each clip shares with the one before (pvdm.align_condition; "
                                "default: this share of a clip, 12 of 16 on the tiny preset); 0: the paper's disjoint "
@@ -58,13 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--cond-noise", type=runtime.float_in(0),
                    help=preset("cond_noise", "std of Gaussian noise on the condition the UNet sees, in training and "
                                "sampling (long tiny samples then keep their speed)"))
-    p.add_argument("--cond-noise-max", type=runtime.float_in(0), default=0.0,
-                   help="train on condition noise of a std drawn per sample from U(0, this), the UNet told the std "
-                        "(noise augmentation, as in cascaded diffusion); sampling keeps --cond-noise. 0: off")
-    p.add_argument("--class-cond", action="store_true",
-                   help="also condition on each video's class (UCF-101's actions, --data folder's first level of "
-                        "sub-folders, the synthetic shape's kind), dropped for 10%% of samples, so sample.py --class "
-                        "works with or without --class-cfg")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
+                   help=preset("class_cond", "also condition on each video's class (UCF-101's actions, --data "
+                               "folder's first level of sub-folders, the synthetic shape's kind), dropped for 10%% of "
+                               "samples, so sample.py --class works with or without --class-cfg"))
     p.add_argument("--ema-decay", type=runtime.probability, default=0.9999)
     p.add_argument("--latent-cache", action="store_true",
                    help="encode one window per video once (OUT/latents.pt) and train from it: much faster, "
@@ -73,10 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--preview-frames", type=runtime.positive_int, default=32,
                    help="length of the preview video at each save")
     p.add_argument("--preview-steps", type=runtime.positive_int, default=50, help="DDIM steps for the preview")
+    p.add_argument("--export", metavar="DIR", help="train nothing: write the model in --out, weights only in half "
+                   "precision, to DIR/autoencoder.pt and DIR/diffusion.pt (how pretrained/ was made)")
     args = runtime.parse_for_data(p, argv, DATA_DEFAULTS, STAGE)
-    if args.min_snr_plus_one != "none" and (args.prediction != "v" or not args.min_snr):
-        p.error("--min-snr-plus-one changes the Min-SNR weights of v-prediction; add --prediction v and --min-snr, or "
-                "drop it.")
     if args.cache_videos is not None and not args.latent_cache:
         p.error("--cache-videos sets the size of the --latent-cache; add --latent-cache or drop it.")
     return args
@@ -166,6 +158,8 @@ def save_preview(out, step, autoencoder, diffusion, frames, steps):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        return runtime.export_model(os.path.join(args.out, "diffusion.pt"), args.export)
     run = runtime.Run(args, "diffusion")  # process and device, the locked --out, the checkpoint on --resume
     device = run.device
 
@@ -186,13 +180,11 @@ def main(argv=None):
     # --resume their states come back from the checkpoint
     try:
         ucfg = pvdm.unet_config_for(autoencoder.cfg, args.preset, grad_checkpointing=args.grad_checkpointing,
-                                    classes=tuple(dataset.classes) if args.class_cond else (),
-                                    cond_level=args.cond_noise_max > 0)
+                                    classes=tuple(dataset.classes) if args.class_cond else ())
     except ValueError as error:  # a preset too deep for the autoencoder's latent planes
         run.fail(f"--preset {args.preset} does not fit the latents of {args.autoencoder}: {error}")
     dcfg = pvdm.DiffusionConfig(cond_prob=args.cond_prob, prediction=args.prediction, overlap=args.overlap,
-                                min_snr=args.min_snr, min_snr_plus_one=args.min_snr_plus_one,
-                                cond_noise=args.cond_noise, cond_noise_max=args.cond_noise_max)
+                                min_snr=args.min_snr, cond_noise=args.cond_noise)
     diffusion = pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg), dcfg).to(device)
     unet, ema = diffusion.model, copy.deepcopy(diffusion).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
