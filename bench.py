@@ -1,21 +1,21 @@
 """
-bench.py: what one training step and one sampling step of PVDM cost, measured beside a pixel-space
-video diffusion baseline of comparable size (a VDM-style 3D UNet, defined below). Four measurements:
+bench.py: what a training step and a sampling step of PVDM cost, beside a pixel-space video diffusion
+baseline of comparable size (a VDM-style 3D UNet, defined below). Four measurements:
 
   1. FLOPs per clip, counted by torch.utils.flop_counter on fake tensors: nothing is allocated, so the
-     paper sizes (256x256, 16 frames, ~500M parameters) are counted on a laptop in seconds.
-  2. Peak training memory without a GPU: the whole step (forward, backward, AdamW) runs on fake tensors
-     while MemTracker adds up the bytes of every live tensor (weights, gradients, optimiser state,
-     activations), for fp32 and bf16 autocast, with and without activation checkpointing.
+     paper sizes (256x256, 16 frames, ~500M parameters) are counted on a laptop.
+  2. Peak training memory without a GPU: forward, backward and AdamW run on fake tensors while
+     MemTracker adds up every live tensor, in fp32 and bf16, with and without activation checkpointing.
   3. From 2, the largest batch that fits a GPU of --gpu-mem GB, keeping a stated safety margin.
-  4. Real time per training step and per sampling step on the device at hand, after a burn-in, with the
-     achieved FLOP/s and the device's measured matrix-product peak beside it.
+  4. Real time per training and sampling step on the device at hand, after a burn-in, beside the
+     device's measured matrix-product peak.
 
     python bench.py                          # the full table (slow on a CPU: the paper sizes)
     python bench.py --quick                  # tiny presets at 32x32 only (a few minutes)
     python bench.py --gpu-mem 80 --json bench.json
     python bench.py --profile                # plus torch.profiler's top ops of the tiny training steps
-    python bench.py --data-loading           # only clips per second of data.py: synthetic, and 320x240 .avi
+    python bench.py --data-loading           # only clips per second of data.py
+    python bench.py --paper-defaults         # only the memory of the paper preset's training steps
 """
 import argparse
 import contextlib
@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import data
 import pvdm
-from runtime import autocast
+from runtime import autocast, device_name, float_in, positive_int, resolve_device
 
 GB = 1e9  # decimal gigabytes, as GPUs are sold ("24 GB")
 SAFETY_FRACTION = 0.10  # keep 10% of the GPU free: allocator fragmentation, cuDNN / cuBLAS workspaces
@@ -52,10 +52,10 @@ SETTINGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]  #
 # ----------------------------------------------------------------------------------------------
 # 1. The pixel-space baseline: a VDM-style factorised space-time UNet (Ho et al. 2022)
 # ----------------------------------------------------------------------------------------------
-# Same building blocks as the triplane UNet in pvdm.py, but run on the (B, C, T, H, W) video itself:
-# convolutions are per frame (kernel 1x3x3), spatial attention runs over each frame's pixels at the low
-# resolutions only, and temporal attention runs along T at every pixel of every block. VDM adds a
-# relative position bias to the temporal attention; it changes neither the FLOPs nor the memory much.
+# The triplane UNet's blocks, run on the (B, C, T, H, W) video itself: convolutions per frame (1x3x3),
+# spatial attention over each frame's pixels at the low resolutions only, temporal attention along T
+# at every pixel of every block. VDM's relative position bias in time changes neither FLOPs nor memory
+# much, so it is left out.
 
 
 @dataclass
@@ -63,7 +63,7 @@ class PixelUNetConfig:
     resolution: int = 256
     frames: int = 16
     channels: int = 3
-    base_channels: int = 128  # chosen by matched_pixel_config() to match the triplane UNet's parameters
+    base_channels: int = 128  # matched_pixel_config() matches the triplane UNet's parameters
     channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_levels: tuple = (2, 3)  # spatial attention at 1/4 and 1/8 resolution, as VDM does
@@ -88,14 +88,14 @@ class PixelResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x)  # (B, cout, T, H, W)
-        scale, shift = self.emb(emb)[:, :, None, None, None].chunk(2, dim=1)  # (B, cout, 1, 1, 1) each
+        scale, shift = self.emb(emb)[:, :, None, None, None].chunk(2, dim=1)  # (B, cout, 1, 1, 1)
         return self.skip(x) + self.out_layers(self.out_norm(h) * (1 + scale) + shift)
 
 
 class AxisAttention(nn.Module):
-    """Self-attention along one axis of the video: over each frame's pixels, or along time at each pixel.
-    Tokens are channels-last, so q, k, v have a contiguous last dimension, which the fused kernels of
-    scaled_dot_product_attention need (otherwise it falls back to materialising the L x L matrix)."""
+    """Self-attention over each frame's pixels, or along time at each pixel. Tokens are channels-last:
+    the fused kernels of scaled_dot_product_attention need a contiguous last dimension (else the
+    L x L matrix is materialised)."""
 
     PATTERNS = {"space": ("b c t h w -> (b t) (h w) c", "(b t) (h w) c -> b c t h w"),
                 "time": ("b c t h w -> (b h w) t c", "(b h w) t c -> b c t h w")}
@@ -137,8 +137,10 @@ class PixelUNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         base, emb_dim = cfg.base_channels, 4 * cfg.base_channels
-        block = partial(PixelBlock, emb_dim=emb_dim, heads=cfg.heads, use_checkpoint=cfg.grad_checkpointing)
-        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        block = partial(PixelBlock, emb_dim=emb_dim, heads=cfg.heads,
+                        use_checkpoint=cfg.grad_checkpointing)
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         self.input = frame_conv(cfg.channels, base)
         self.down, skips, c = nn.ModuleList(), [base], base
         for level, mult in enumerate(cfg.channel_mult):
@@ -153,10 +155,12 @@ class PixelUNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(c + skips.pop(), base * mult, attend=level in cfg.attention_levels))
+                attend = level in cfg.attention_levels
+                self.up.append(block(c + skips.pop(), base * mult, attend=attend))
                 c = base * mult
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"), frame_conv(c, c)))
+                up = nn.Upsample(scale_factor=(1, 2, 2), mode="nearest")
+                self.up.append(nn.Sequential(up, frame_conv(c, c)))
         self.out = nn.Sequential(pvdm.norm(c), nn.SiLU(), frame_conv(c, cfg.channels))
 
     def forward(self, x, t):
@@ -177,12 +181,13 @@ class PixelUNet(nn.Module):
 
 
 class PixelDiffusion(nn.Module):
-    """Algorithm 1 (Ho et al. 2020) on pixels with pvdm's noise schedule: the cost is all in the UNet."""
+    """Algorithm 1 (Ho et al. 2020) on pixels with pvdm's noise schedule: the cost is the UNet's."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        self.register_buffer("alpha_bar", pvdm.noise_schedule(pvdm.DiffusionConfig())[1], persistent=False)
+        alpha_bar = pvdm.noise_schedule(pvdm.DiffusionConfig())[1]
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
 
     def forward(self, x0):
         t = torch.randint(0, len(self.alpha_bar), (x0.shape[0],), device=x0.device)
@@ -198,13 +203,13 @@ def count_parameters(build):
 
 def matched_pixel_config(unet_cfg, resolution, frames):
     """The baseline with the triplane UNet's layout, spatial attention at its two lowest resolutions
-    (as VDM), and the width (a multiple of 32, for GroupNorm's 32 groups) that brings its parameter count
-    closest to the triplane's. Parameters grow as width squared, so one count gives the width; its neighbours are
-    checked too."""
+    (as VDM), and the width (a multiple of 32, for GroupNorm) whose parameter count is closest to the
+    triplane's. Parameters grow as width squared: one count gives the width, its neighbours checked."""
     target = count_parameters(partial(pvdm.TriplaneUNet, unet_cfg))
     levels = tuple(range(len(unet_cfg.channel_mult)))[-2:]
     cfg = PixelUNetConfig(resolution=resolution, frames=frames, channel_mult=unet_cfg.channel_mult,
-                          num_res_blocks=unet_cfg.num_res_blocks, attention_levels=levels, heads=unet_cfg.heads)
+                          num_res_blocks=unet_cfg.num_res_blocks, attention_levels=levels,
+                          heads=unet_cfg.heads)
     params = lambda w: count_parameters(partial(PixelUNet, replace(cfg, base_channels=w)))
     guess = 32 * round(unet_cfg.base_channels * math.sqrt(target / params(unet_cfg.base_channels)) / 32)
     width = min((max(32, guess + d) for d in (-32, 0, 32)), key=lambda w: abs(params(w) - target))
@@ -214,9 +219,8 @@ def matched_pixel_config(unet_cfg, resolution, frames):
 # ----------------------------------------------------------------------------------------------
 # 2. Workloads: what a training step and a sampling step are, for each model
 # ----------------------------------------------------------------------------------------------
-# A workload builds its model (with or without activation checkpointing), makes a batch of inputs, and
-# says what the training loss and one sampling evaluation are. Everything below is written once against
-# this, so the three models are measured exactly the same way.
+# A workload builds its model (with or without activation checkpointing), makes inputs, and says what
+# the training loss and one sampling evaluation are: the three models are measured the same way.
 
 
 @dataclass
@@ -234,20 +238,28 @@ def autoencoder_workload(cfg):
 
     def decode(model, x):  # sampling decodes each generated latent once: three planes -> pixels
         b, c = x[0].shape[0], cfg.latent_channels
-        return model.decode((x[0].new_zeros(b, c, h, w), x[0].new_zeros(b, c, t, w), x[0].new_zeros(b, c, t, h)))
+        zeros = x[0].new_zeros
+        return model.decode((zeros(b, c, h, w), zeros(b, c, t, w), zeros(b, c, t, h)))
 
     return Workload(
         name="autoencoder",
         build=lambda ckpt: pvdm.ProjectedAutoencoder(replace(cfg, grad_checkpointing=ckpt)),
-        inputs=lambda b, dev: (
-            torch.rand(b, cfg.channels, cfg.frames, cfg.resolution, cfg.resolution, device=dev) * 2 - 1,),
+        inputs=lambda b, dev: (random_videos(b, cfg.frames, cfg.resolution, dev),),
         loss=lambda model, x: model(x[0])[0],
         sample=decode,
     )
 
 
+def random_videos(b, frames, resolution, device):
+    return torch.rand(b, 3, frames, resolution, resolution, device=device) * 2 - 1
+
+
 def preset_config(preset, resolution):
     return pvdm.AutoencoderConfig(**{**pvdm.AUTOENCODER_PRESETS[preset], "resolution": resolution})
+
+
+def half_way(x):
+    return torch.full((len(x),), 500, device=x.device)  # a timestep for one sampling evaluation
 
 
 def diffusion_workload(preset, resolution):
@@ -255,16 +267,17 @@ def diffusion_workload(preset, resolution):
     ucfg = pvdm.unet_config_for(ae_cfg, preset)
 
     def inputs(b, dev):
-        z0, prev = (torch.rand(b, ucfg.latent_channels, ucfg.num_tokens, device=dev) * 2 - 1 for _ in "zp")
+        z0, prev = (torch.rand(b, ucfg.latent_channels, ucfg.num_tokens, device=dev) * 2 - 1
+                    for _ in "zp")
         return z0, prev, torch.ones(b, dtype=torch.bool, device=dev)
 
     return Workload(
         name="triplane UNet",
-        build=lambda ckpt: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(replace(ucfg, grad_checkpointing=ckpt)),
-                                                  pvdm.DiffusionConfig()),  # what --grad-checkpointing sets
+        build=lambda ckpt: pvdm.GaussianDiffusion(  # ckpt: what --grad-checkpointing sets
+            pvdm.TriplaneUNet(replace(ucfg, grad_checkpointing=ckpt)), pvdm.DiffusionConfig()),
         inputs=inputs,
         loss=lambda model, x: model(*x),
-        sample=lambda model, x: model.model(x[0], torch.full_like(x[0][:, 0, 0], 500).long(), x[1], x[2]),
+        sample=lambda model, x: model.model(x[0], half_way(x[0]), x[1], x[2]),
     )
 
 
@@ -274,35 +287,36 @@ def pixel_workload(preset, resolution, frames=16):
     return Workload(
         name="pixel 3D UNet",
         build=lambda ckpt: PixelDiffusion(PixelUNet(replace(cfg, grad_checkpointing=ckpt))),
-        inputs=lambda b, dev: (torch.rand(b, cfg.channels, frames, resolution, resolution, device=dev) * 2 - 1,),
+        inputs=lambda b, dev: (random_videos(b, frames, resolution, dev),),
         loss=lambda model, x: model(x[0]),
-        sample=lambda model, x: model.unet(x[0], torch.full_like(x[0][:, 0, 0, 0, 0], 500).long()),
+        sample=lambda model, x: model.unet(x[0], half_way(x[0])),
         config=cfg,
     )
 
 
 def small_workload():
-    """An autoencoder small enough to train for real on CPU in a fraction of a second: to check the
-    memory estimate against the CPU allocator (bench's output, and the tests)."""
-    return autoencoder_workload(pvdm.AutoencoderConfig(resolution=16, frames=8, patch=4, dim=32, depth=1,
-                                                       heads=2, proj_depth=1))
+    """An autoencoder that trains for real on CPU in a fraction of a second: to check the memory
+    estimate against the CPU allocator."""
+    return autoencoder_workload(pvdm.AutoencoderConfig(resolution=16, frames=8, patch=4, dim=32,
+                                                       depth=1, heads=2, proj_depth=1))
 
 
 def workloads(preset, resolution):
-    return [autoencoder_workload(preset_config(preset, resolution)), diffusion_workload(preset, resolution),
-            pixel_workload(preset, resolution)]
+    return [autoencoder_workload(preset_config(preset, resolution)),
+            diffusion_workload(preset, resolution), pixel_workload(preset, resolution)]
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. FLOPs (torch.utils.flop_counter on fake tensors)
 # ----------------------------------------------------------------------------------------------
-# FlopCounterMode counts matrix products, convolutions and attention: 2 FLOPs per multiply-add, as
-# MFU figures do. Its attention formulas cover the CUDA kernels but not the CPU flash kernel that fake
-# CPU tensors dispatch to, so that one is registered here with the same formula.
+# FlopCounterMode counts matrix products, convolutions and attention, 2 FLOPs per multiply-add as MFU
+# figures do. It has no formula for the CPU flash attention kernel fake CPU tensors dispatch to, so
+# that one is registered here with the CUDA kernels' formula.
 
 aten = torch.ops.aten
 CPU_ATTENTION_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v),
 }

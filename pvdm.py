@@ -1,16 +1,16 @@
 """
 PVDM: video diffusion in a projected latent space (Yu, Sohn, Kim, Shin, CVPR 2023, arXiv 2302.07685).
 
-Read this file top to bottom; it is built bottom-up:
+Read this file top to bottom; it is built bottom-up, and no name is used above its definition:
   1. helpers            sinusoidal embeddings, packing planes, weight averaging
   2. attention blocks   the transformer pieces the autoencoder is made of
-  3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video          (paper section 3.1)
-  4. discriminators     3D and 2D PatchGANs for the autoencoder's adversarial phase
-  5. UNet blocks        ResBlock, 2D attention, cross-plane attention
-  6. triplane UNet      one 2D UNet shared by the three planes                     (paper section 3.2)
-  7. diffusion          DDPM/DDIM with joint (un)conditional training                 (paper section 3.3)
-  8. long videos        this project's extension: clips that overlap the one before (skip on a first read)
-  9. configs            dataclasses, and the presets table: every default of tiny and paper
+  3. autoencoder        video -> three 2D planes (z_s, z_h, z_w) -> video     (paper section 3.1)
+  4. UNet blocks        ResBlock, 2D attention, cross-plane attention
+  5. triplane UNet      one 2D UNet shared by the three planes                (paper section 3.2)
+  6. diffusion          DDPM/DDIM, joint (un)conditional training: Algorithms 1 and 2 (section 3.3)
+  7. long videos        clip after clip, each conditioned on the one before    (section 3.3)
+  8. discriminators     3D and 2D PatchGANs for the autoencoder's adversarial phase
+  9. configs            dataclasses, and the presets table: every default of tiny, shipped and paper
  10. measuring          PSNR, the naive codes an autoencoder is judged against, weight fingerprints
 
 One layout convention everywhere: a video is (B, C, T, H, W) with values in [-1, 1].
@@ -265,77 +265,7 @@ class ProjectedAutoencoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. PatchGAN discriminators (the autoencoder's adversarial phase)
-# ----------------------------------------------------------------------------------------------
-
-
-class PatchDiscriminator(nn.Module):
-    """A PatchGAN (pix2pix): each output logit judges one patch of its input as real or reconstructed; dims 3 judges
-    space-time patches of a clip (B, 3, T, H, W), dims 2 patches of a frame (B, 3, H, W). Returns every stage's
-    activations, logits last: the earlier ones serve feature matching."""
-
-    def __init__(self, dims=3, channels=3, width=64, layers=3):
-        super().__init__()
-        conv = nn.Conv3d if dims == 3 else nn.Conv2d
-        stages, c = [nn.Sequential(conv(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2))], width
-        for _ in range(layers - 1):
-            stages.append(nn.Sequential(conv(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(32, 2 * c),
-                                        nn.LeakyReLU(0.2)))
-            c *= 2
-        stages.append(conv(c, 1, 3, padding=1))
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x):
-        activations = []
-        for stage in self.stages:
-            x = stage(x)
-            activations.append(x)
-        return activations  # the last: (B, 1, ...) logits, the input's size over 2^(layers)
-
-
-class Discriminators(nn.Module):
-    """The official PVDM code's pair: a 3D PatchGAN on the clip and a 2D one on one frame of it, picked per clip."""
-
-    def __init__(self):
-        super().__init__()
-        self.video, self.frame = PatchDiscriminator(dims=3), PatchDiscriminator(dims=2)
-
-    def forward(self, x, frame_ids):
-        """x (B, 3, T, H, W), frame_ids (B,) -> the activations of both: [video's, frame's]."""
-        frames = x[torch.arange(len(x), device=x.device), :, frame_ids]  # (B, 3, H, W)
-        return [self.video(x), self.frame(frames)]
-
-
-def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: push real logits above +1 and fake ones below -1."""
-    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
-
-
-def hinge_g_loss(logits_fake):
-    """Generator (autoencoder) side of the hinge game: raise the logits of its reconstructions."""
-    return -logits_fake.mean()
-
-
-def adversarial_loss(fake, real, gan_weight, feature_weight):
-    """The autoencoder's loss from both discriminators' activations (Discriminators' output for its reconstructions
-    and, detached, for the real clips): the hinge term, plus feature matching: L1 between their intermediate
-    activations (pix2pixHD), which asks the reconstruction to look real to the judge in every layer, not just at
-    its verdict, and keeps the game from running away from the pixels."""
-    loss = 0.0
-    for acts_fake, acts_real in zip(fake, real):
-        loss = loss + gan_weight * hinge_g_loss(acts_fake[-1])
-        loss = loss + feature_weight * sum(F.l1_loss(f, r) for f, r in zip(acts_fake[:-1], acts_real[:-1]))
-    return loss
-
-
-def discriminator_loss(judged):
-    """Both discriminators' hinge losses, from their activations for one batch: real clips, then as many
-    reconstructions."""
-    return sum(hinge_d_loss(*acts[-1].chunk(2)) for acts in judged)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. UNet blocks
+# 4. UNet blocks
 # ----------------------------------------------------------------------------------------------
 
 
@@ -400,20 +330,6 @@ class CrossPlaneAttention(TokenAttention):
         return unpack(super().forward(pack(planes), pos), self.pos_t.shape[1], *planes[0].shape[2:])
 
 
-class TriplaneBlock(nn.Module):
-    """A ResBlock (and 2D attention at low resolution) run on each plane with shared weights,
-    then cross-plane attention."""
-
-    def __init__(self, cin, cout, emb_dim, heads, attend, sizes):
-        super().__init__()
-        self.res = ResBlock(cin, cout, emb_dim)
-        self.attn = Attention2d(cout, heads) if attend else nn.Identity()
-        self.mix = CrossPlaneAttention(cout, heads, *sizes)  # sizes: (T, h, w) of the planes at this level
-
-    def forward(self, planes, emb):
-        return self.mix(shared_weights(lambda x, e: self.attn(self.res(x, e)), planes, emb))
-
-
 def shared_weights(fn, planes, emb):
     """fn(plane, emb) for every plane. Planes of the same shape (z_h and z_w, as h = w) go through in one call,
     stacked on the batch axis: every layer here works per sample, so the result is the same, in fewer and
@@ -427,6 +343,20 @@ def shared_weights(fn, planes, emb):
         for i, part in zip(ids, stacked.chunk(len(ids))):
             out[i] = part
     return out
+
+
+class TriplaneBlock(nn.Module):
+    """A ResBlock (and 2D attention at low resolution) run on each plane with shared weights,
+    then cross-plane attention."""
+
+    def __init__(self, cin, cout, emb_dim, heads, attend, sizes):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim)
+        self.attn = Attention2d(cout, heads) if attend else nn.Identity()
+        self.mix = CrossPlaneAttention(cout, heads, *sizes)  # sizes: (T, h, w) of the planes at this level
+
+    def forward(self, planes, emb):
+        return self.mix(shared_weights(lambda x, e: self.attn(self.res(x, e)), planes, emb))
 
 
 class Downsample(nn.Module):
@@ -444,7 +374,7 @@ class Upsample(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Triplane UNet (paper section 3.2)
+# 5. Triplane UNet (paper section 3.2)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -522,7 +452,7 @@ class TriplaneUNet(nn.Module):
         return block(planes, emb)
 
 # ----------------------------------------------------------------------------------------------
-# 7. Gaussian diffusion with joint conditional / unconditional training (paper section 3.3)
+# 6. Gaussian diffusion with joint conditional / unconditional training (paper section 3.3)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -537,6 +467,46 @@ def q_sample(alpha_bar, z0, t, noise):
     """Sample q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I) for timesteps t (B,), any z0 (B, ...)."""
     ab = alpha_bar[t].view(-1, *[1] * (z0.dim() - 1))  # (B, 1, ...)
     return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+
+
+# The paper makes a long video from disjoint clips, each conditioned on the one before (overlap 0 here).
+# This project lets consecutive clips share k frames: the condition is moved onto the shared frames, those
+# frames are kept while sampling, and the cut between clips lies inside the shared stretch.
+
+
+def align_condition(z_prev, overlap, T, h, w):
+    """Where the previous clip's latent enters the UNet. With the paper's disjoint clips (overlap 0) it is
+    concatenated as it is, so its last rows (frame T - 1) of z_h and z_w sit at the new clip's last rows, as far
+    as they can be from row 0, the row that must continue them. With overlapping clips the new clip starts
+    `overlap` frames before the previous one ends: the previous clip's last `overlap` rows of z_h and z_w move
+    to rows 0..overlap-1, where the new clip shows the same frames, and the rows left are zeros. Convolutions
+    then see the frames to continue right beside the frames to make. z_s (time collapsed) stays as it is.
+    z_prev (B, C, N) packed -> (B, C, N) packed."""
+    if overlap == 0:
+        return z_prev
+    z_s, z_h, z_w = unpack(z_prev, T, h, w)
+    shift = lambda p: F.pad(p[:, :, T - overlap:], (0, 0, 0, T - overlap))  # noqa: E731  rows T-k.. -> 0..k-1
+    return pack((z_s, shift(z_h), shift(z_w)))
+
+
+def shared_rows(diffusion):
+    """(1, 1, N) bool mask of what a new clip shares with the one before: rows 0..k-1 of z_h and z_w. z_s
+    summarises the whole new clip, so it is never shared."""
+    m = diffusion.model.cfg
+    shared = diffusion.align(torch.ones(1, 1, m.num_tokens, device=diffusion.alpha_bar.device))  # 1 on z_s, rows
+    shared[..., : m.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
+    return shared.bool()
+
+
+def keep_shared_rows(diffusion, z, prev, t, generator=None):
+    """After each sampling step the shared rows of z are replaced by the previous clip's latent, aligned and noised to
+    level t (clean after the last step), as in inpainting with a diffusion model, so the shared frames agree exactly
+    and the UNet makes the rest fit them."""
+    cond, shared = diffusion.align(prev), shared_rows(diffusion)
+    if t >= 0:
+        ab = diffusion.alpha_bar[t]
+        cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
+    return torch.where(shared, cond, z)
 
 
 class GaussianDiffusion(nn.Module):
@@ -594,12 +564,12 @@ class GaussianDiffusion(nn.Module):
 
     def condition(self, prev, generator=None):
         """The previous clip's latent as the UNet sees it: as it is in the paper; with this project's long-video
-        additions (section 8), moved onto the frames it shares with the new clip and noised."""
+        additions (align_condition), moved onto the frames it shares with the new clip and noised."""
         return self.noisy_condition(self.align(prev), generator)
 
     def align(self, z_prev):
         """The previous clip's latent as the UNet sees it: as it is for the paper's disjoint clips, shifted onto
-        the frames it shares with the new clip when clips overlap (section 8)."""
+        the frames it shares with the new clip when clips overlap (align_condition)."""
         if self.cfg.overlap == 0:
             return z_prev
         m = self.model.cfg
@@ -654,7 +624,7 @@ class GaussianDiffusion(nn.Module):
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             eps = self.guided_eps(z, torch.full((n,), t, device=device), seen, guidance, label, class_guidance).float()
             z = self.ddim_step(z, eps, t, t_prev, eta, generator)
-            if prev is not None and self.cfg.overlap:  # section 8: the frames shared with the clip before are held
+            if prev is not None and self.cfg.overlap:  # keep_shared_rows: the frames shared with the clip before are held
                 z = keep_shared_rows(self, z, prev, t_prev, generator)
             if progress is not None:
                 progress(i + 1, steps)
@@ -672,46 +642,8 @@ class GaussianDiffusion(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Long videos: clips that overlap the one before (this project's extension; skip on a first read)
+# 7. Long videos: clip after clip, each conditioned on the one before (paper section 3.3)
 # ----------------------------------------------------------------------------------------------
-# The paper makes a long video from disjoint clips, each conditioned on the one before (overlap 0 here).
-# This project lets consecutive clips share k frames: the condition is moved onto the shared frames, those
-# frames are kept while sampling, and the cut between clips lies inside the shared stretch.
-
-
-def align_condition(z_prev, overlap, T, h, w):
-    """Where the previous clip's latent enters the UNet. With the paper's disjoint clips (overlap 0) it is
-    concatenated as it is, so its last rows (frame T - 1) of z_h and z_w sit at the new clip's last rows, as far
-    as they can be from row 0, the row that must continue them. With overlapping clips the new clip starts
-    `overlap` frames before the previous one ends: the previous clip's last `overlap` rows of z_h and z_w move
-    to rows 0..overlap-1, where the new clip shows the same frames, and the rows left are zeros. Convolutions
-    then see the frames to continue right beside the frames to make. z_s (time collapsed) stays as it is.
-    z_prev (B, C, N) packed -> (B, C, N) packed."""
-    if overlap == 0:
-        return z_prev
-    z_s, z_h, z_w = unpack(z_prev, T, h, w)
-    shift = lambda p: F.pad(p[:, :, T - overlap:], (0, 0, 0, T - overlap))  # noqa: E731  rows T-k.. -> 0..k-1
-    return pack((z_s, shift(z_h), shift(z_w)))
-
-
-def shared_rows(diffusion):
-    """(1, 1, N) bool mask of what a new clip shares with the one before: rows 0..k-1 of z_h and z_w. z_s
-    summarises the whole new clip, so it is never shared."""
-    m = diffusion.model.cfg
-    shared = diffusion.align(torch.ones(1, 1, m.num_tokens, device=diffusion.alpha_bar.device))  # 1 on z_s, rows
-    shared[..., : m.size ** 2] = 0  # z_s (h*w values, packed first) is made anew
-    return shared.bool()
-
-
-def keep_shared_rows(diffusion, z, prev, t, generator=None):
-    """After each sampling step the shared rows of z are replaced by the previous clip's latent, aligned and noised to
-    level t (clean after the last step), as in inpainting with a diffusion model, so the shared frames agree exactly
-    and the UNet makes the rest fit them."""
-    cond, shared = diffusion.align(prev), shared_rows(diffusion)
-    if t >= 0:
-        ab = diffusion.alpha_bar[t]
-        cond = ab.sqrt() * cond + (1 - ab).sqrt() * torch.randn(cond.shape, generator=generator, device=z.device)
-    return torch.where(shared, cond, z)
 
 
 @torch.no_grad()
@@ -738,6 +670,76 @@ def clips_needed(frames, T, overlap):
     """How many clips generate_video samples for `frames` frames: the first and last each reach k // 2 frames
     into the shared stretch they alone cover, so together they are one clip; every other clip adds T - k."""
     return 1 + max(0, math.ceil((frames - T) / (T - overlap)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. PatchGAN discriminators (the autoencoder's adversarial phase)
+# ----------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN (pix2pix): each output logit judges one patch of its input as real or reconstructed; dims 3 judges
+    space-time patches of a clip (B, 3, T, H, W), dims 2 patches of a frame (B, 3, H, W). Returns every stage's
+    activations, logits last: the earlier ones serve feature matching."""
+
+    def __init__(self, dims=3, channels=3, width=64, layers=3):
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        stages, c = [nn.Sequential(conv(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2))], width
+        for _ in range(layers - 1):
+            stages.append(nn.Sequential(conv(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(32, 2 * c),
+                                        nn.LeakyReLU(0.2)))
+            c *= 2
+        stages.append(conv(c, 1, 3, padding=1))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        activations = []
+        for stage in self.stages:
+            x = stage(x)
+            activations.append(x)
+        return activations  # the last: (B, 1, ...) logits, the input's size over 2^(layers)
+
+
+class Discriminators(nn.Module):
+    """The official PVDM code's pair: a 3D PatchGAN on the clip and a 2D one on one frame of it, picked per clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.video, self.frame = PatchDiscriminator(dims=3), PatchDiscriminator(dims=2)
+
+    def forward(self, x, frame_ids):
+        """x (B, 3, T, H, W), frame_ids (B,) -> the activations of both: [video's, frame's]."""
+        frames = x[torch.arange(len(x), device=x.device), :, frame_ids]  # (B, 3, H, W)
+        return [self.video(x), self.frame(frames)]
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss: push real logits above +1 and fake ones below -1."""
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def hinge_g_loss(logits_fake):
+    """Generator (autoencoder) side of the hinge game: raise the logits of its reconstructions."""
+    return -logits_fake.mean()
+
+
+def adversarial_loss(fake, real, gan_weight, feature_weight):
+    """The autoencoder's loss from both discriminators' activations (Discriminators' output for its reconstructions
+    and, detached, for the real clips): the hinge term, plus feature matching: L1 between their intermediate
+    activations (pix2pixHD), which asks the reconstruction to look real to the judge in every layer, not just at
+    its verdict, and keeps the game from running away from the pixels."""
+    loss = 0.0
+    for acts_fake, acts_real in zip(fake, real):
+        loss = loss + gan_weight * hinge_g_loss(acts_fake[-1])
+        loss = loss + feature_weight * sum(F.l1_loss(f, r) for f, r in zip(acts_fake[:-1], acts_real[:-1]))
+    return loss
+
+
+def discriminator_loss(judged):
+    """Both discriminators' hinge losses, from their activations for one batch: real clips, then as many
+    reconstructions."""
+    return sum(hinge_d_loss(*acts[-1].chunk(2)) for acts in judged)
 
 
 # ----------------------------------------------------------------------------------------------

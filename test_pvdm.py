@@ -239,19 +239,6 @@ def test_pixel_head_lets_neighbouring_patches_meet_and_starts_at_zero(pixel_head
     assert not moved[:2].any() and not moved[10:].any()           # two 3x3 convolutions reach 2 pixels further
 
 
-def test_uniform_latent_noise_draws_each_clips_strength_up_to_latent_noise():
-    """With latent_noise_draw "uniform" each clip's planes get noise of one std, drawn from U(0, latent_noise): some
-    clips nearly clean, some noisy."""
-    torch.manual_seed(0)
-    ae = tiny_ae(resolution=16, frames=8, latent_noise=0.5, latent_noise_draw="uniform").train()
-    x = torch.rand(32, 3, 8, 16, 16) * 2 - 1
-    seen = []
-    ae.decode_unclamped = lambda planes: seen.append(planes) or x
-    ae(x)
-    std = torch.cat([(noisy - clean).flatten(1) for noisy, clean in zip(seen[0], ae.encode(x))], 1).std(1)  # (32,)
-    assert std.max() < 0.55 and std.min() < 0.1 and std.max() > 0.4, std
-
-
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = tiny_ae()
@@ -269,8 +256,6 @@ def test_bad_sizes_are_refused_with_a_reason():
         pvdm.AutoencoderConfig(resolution=30, patch=4)
     with pytest.raises(ValueError, match="frames must be at least 2"):
         pvdm.AutoencoderConfig(frames=1)
-    with pytest.raises(ValueError, match="latent_noise_draw must be 'fixed' or 'uniform'"):
-        pvdm.AutoencoderConfig(latent_noise_draw="gaussian")
 
 
 def test_discriminators_and_their_losses():
@@ -444,7 +429,7 @@ class ExactDenoiser(torch.nn.Module):
         super().__init__()
         self.points, self.alpha_bar, self.cfg, self.prediction = points, alpha_bar, cfg, prediction
 
-    def forward(self, z, t, cond, has_cond, label=None, level=None):
+    def forward(self, z, t, cond, has_cond, label=None):
         ab = self.alpha_bar[t][:, None]  # (B, 1)
         dist = (z[:, None] - ab[:, :, None, None].sqrt() * self.points).pow(2).flatten(2).sum(2)  # (B, K)
         weights = torch.softmax(-dist / (2 * (1 - ab)), dim=1)  # posterior over the points given z_t
@@ -496,8 +481,7 @@ class Planted(torch.nn.Module):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
     """Min-SNR (Hang et al. 2023): a model whose z_0 estimate is off by e at timestep t pays min(SNR_t, gamma) e^2,
-    for either target, or min(SNR_t + 1, gamma) e^2 for v with min_snr_plus_one ("all" samples, or the "unconditional"
-    ones only); with min_snr 0 it pays the target's plain MSE. The error e is planted in the output."""
+    for either target; with min_snr 0 it pays the target's plain MSE. The error e is planted in the output."""
     diffusion = tiny_diffusion(pvdm.AutoencoderConfig(resolution=16, frames=8), prediction=prediction)
     z0 = torch.rand(1, 4, diffusion.model.cfg.num_tokens) * 2 - 1
     exact = ExactDenoiser(z0, diffusion.alpha_bar, diffusion.model.cfg, prediction)
@@ -509,19 +493,11 @@ def test_min_snr_weighs_the_error_in_z0_by_min_snr_gamma(prediction):
         scale = math.sqrt(snr) if prediction == "eps" else math.sqrt(snr + 1)
         diffusion.model = Planted(exact, e * scale)
         with mock.patch("torch.randint", lambda *a, **k: torch.full((8,), t)):
-            plain, min_snr, plus_one = snr if prediction == "eps" else snr + 1, min(snr, 5.0), min(snr + 1, 5.0)
-            # (gamma, min_snr_plus_one, has a previous clip, weight paid)
-            weights = [(0.0, "none", True, plain), (5.0, "none", True, min_snr), (5.0, "none", False, min_snr)]
-            if prediction == "v":  # the noisiest steps keep weight 1 (about SNR, near 0, with plain Min-SNR)
-                weights += [(5.0, "all", True, plus_one), (5.0, "all", False, plus_one),
-                            (5.0, "unconditional", True, min_snr), (5.0, "unconditional", False, plus_one)]
-            for gamma, which, has_prev, paid in weights:
-                diffusion.cfg.min_snr, diffusion.cfg.min_snr_plus_one, diffusion.cfg.cond_prob = gamma, which, 1.0
+            plain = snr if prediction == "eps" else snr + 1
+            for gamma, has_prev, paid in [(0.0, True, plain), (5.0, True, min(snr, 5.0)), (5.0, False, min(snr, 5.0))]:
+                diffusion.cfg.min_snr, diffusion.cfg.cond_prob = gamma, 1.0
                 loss = diffusion(z0.repeat(8, 1, 1), z0.repeat(8, 1, 1), torch.full((8,), has_prev))
-                assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma, which, has_prev)
-    assert pvdm.DiffusionConfig(min_snr_plus_one=True).min_snr_plus_one == "all"  # as older checkpoints saved it
-    with pytest.raises(ValueError, match="min_snr_plus_one"):
-        pvdm.DiffusionConfig(min_snr_plus_one="first")
+                assert loss.item() == pytest.approx(paid * e**2, rel=1e-3), (t, gamma, has_prev)
 
 
 def test_prediction_follows_the_preset_unless_given():
@@ -630,7 +606,7 @@ def test_training_drops_the_class_for_a_share_of_samples():
     class Spy(torch.nn.Module):
         cfg = SimpleNamespace(classes=("a", "b", "c"))
 
-        def forward(self, z, t, cond, has_cond, label=None, level=None):
+        def forward(self, z, t, cond, has_cond, label=None):
             seen.append(label)
             return torch.zeros_like(z)
 
@@ -669,7 +645,7 @@ def test_joint_training_conditions_only_where_a_previous_clip_exists():
     class Spy(torch.nn.Module):
         cfg = None
 
-        def forward(self, z, t, cond, has_cond, label=None, level=None):
+        def forward(self, z, t, cond, has_cond, label=None):
             seen.append(has_cond.clone())
             return torch.zeros_like(z)
 
@@ -687,7 +663,7 @@ def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_share
     class Spy(torch.nn.Module):
         cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
 
-        def forward(self, z, t, cond, has_cond, label=None, level=None):
+        def forward(self, z, t, cond, has_cond, label=None):
             seen.append(cond.clone())
             return torch.zeros_like(z)
 
@@ -703,44 +679,6 @@ def test_condition_noise_reaches_the_unet_in_training_and_sampling_but_the_share
         assert all(torch.equal(seen[1], c) for c in seen[2:])  # one draw per clip, not one per step
         shared = pvdm.shared_rows(diffusion)
         assert torch.equal(torch.where(shared, z, 0), torch.where(shared, aligned, 0))  # kept clean, not noised
-
-
-def test_condition_noise_of_random_strength_is_drawn_per_sample_and_told_to_the_unet():
-    """cond_noise_max: in training each sample's condition gets noise of its own std from U(0, max), and the UNet is
-    given that std; in sampling every clip gets cfg.cond_noise and is told so. A new UNet with the level input equals
-    the one without, whatever the level."""
-    seen = []
-
-    class Spy(torch.nn.Module):
-        cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4)
-
-        def forward(self, z, t, cond, has_cond, label=None, level=None):
-            seen.append((cond.clone(), level.clone()))
-            return torch.zeros_like(z)
-
-    torch.manual_seed(0)
-    prev = torch.zeros(64, 4, Spy.cfg.num_tokens)
-    diffusion = pvdm.GaussianDiffusion(Spy(), pvdm.DiffusionConfig(cond_prob=1.0, cond_noise=0.1, cond_noise_max=0.6))
-    diffusion(prev, prev, torch.ones(64, dtype=torch.bool))
-    cond, level = seen[0]
-    assert level.min() >= 0 and level.max() <= 0.6 and level.std() > 0.1  # one draw per sample, spread over [0, 0.6]
-    assert cond.flatten(1).std(1) == pytest.approx(level, rel=0.15)  # each sample noised at the level it is told
-    seen.clear()
-    diffusion.sample(2, prev[:2], steps=2, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(level, torch.full((2,), 0.1)) for _, level in seen)
-    assert seen[0][0].flatten(1).std(1) == pytest.approx([0.1, 0.1], abs=0.01)
-
-    cfg = pvdm.UNetConfig(latent_channels=4, frames=8, size=4, base_channels=16, heads=1)
-    plain, told = pvdm.TriplaneUNet(cfg), pvdm.TriplaneUNet(pvdm.UNetConfig(**{**vars(cfg), "cond_level": True}))
-    assert told.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["level_emb.weight", "level_emb.bias"]
-    z, t, flags = torch.randn(2, 4, cfg.num_tokens), torch.tensor([10, 900]), torch.tensor([True, False])
-    with torch.no_grad():
-        for level in (torch.zeros(2), torch.tensor([0.3, 0.6])):
-            assert torch.equal(told(z, t, z, flags, level=level), plain(z, t, z, flags))
-        torch.nn.init.normal_(told.level_emb.weight), torch.nn.init.normal_(told.out[-1].weight)  # as after training
-        assert not torch.allclose(told(z, t, z, flags, level=torch.zeros(2)), told(z, t, z, flags, level=torch.ones(2)))
-    with pytest.raises(ValueError, match="cond_noise_max"):
-        pvdm.DiffusionConfig(cond_noise_max=-0.1)
 
 
 def test_diffusion_loss_is_finite_and_backpropagates():
@@ -1874,8 +1812,6 @@ BAD_INPUTS = [
     # accepted means used: a flag that only matters with another one is refused on its own, not ignored
     ("train_autoencoder.py --gan-weight 0.5", "or drop"),
     ("train_autoencoder.py --feature-weight 0.5", "or drop"),
-    ("train_autoencoder.py --latent-noise 0 --latent-noise-draw uniform", "or drop"),
-    ("train_diffusion.py --prediction eps --min-snr-plus-one", "or drop"),
     ("train_diffusion.py --cache-videos 8", "or drop"),
     ("evaluate.py fvd --fake-dir {out} --window 8", "or drop"),
 ]
