@@ -895,7 +895,7 @@ PRESETS = {
                                   warmup=200, lr_decay="cosine", l1_weight=0.0, l2_weight=1.0,
                                   gradient_weight=1.0, latent_noise=0.3, gan_start=None,
                                   grad_checkpointing=False),
-        "train_diffusion": dict(steps=9000, batch_size=16, lr=1e-3, warmup=200, lr_decay="cosine",
+        "train_diffusion": dict(steps=7500, batch_size=16, lr=1e-3, warmup=200, lr_decay="cosine",
                                 prediction="v", min_snr=5.0, cond_prob=0.7, overlap_share=0.75,
                                 cond_noise=0.1, class_cond=True, grad_checkpointing=False),
     },
