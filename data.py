@@ -111,7 +111,7 @@ class SyntheticVideos(ClipDataset):
         super().__init__(resolution, frames, frame_stride, pairs, seed)
         if video_frames < self.span(frames):
             raise DataError(f"synthetic videos have {video_frames} frames, fewer than one clip of "
-                            f"{self.span(frames)} (--frames x --frame-stride); lower either.")
+                            f"{self.span(frames)}; lower --frames or --frame-stride.")
         # Train and test videos come from disjoint seed streams; "all" is train then test.
         splits = ["train", "test"] if split == "all" else [split]
         self.videos = [(s, i) for s in splits for i in range(self.SPLIT_SIZES[s])]

@@ -832,9 +832,10 @@ class UNetConfig:
         self.attention_levels, self.classes = tuple(self.attention_levels), tuple(self.classes)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.frames % factor or self.size % factor:
-            raise ValueError(f"latent planes {self.frames}x{self.size} cannot be halved "
-                             f"{factor // 2 + 1} times for channel_mult {self.channel_mult}; "
-                             "use fewer levels or larger planes.")
+            halvings = len(self.channel_mult) - 1
+            raise ValueError(f"latent planes {self.frames}x{self.size} cannot be halved {halvings} "
+                             f"times for channel_mult {self.channel_mult}; use fewer levels or "
+                             "larger planes.")
 
     @property
     def num_tokens(self):

@@ -1,7 +1,6 @@
-"""The run plumbing the scripts share, so each script stays one linear story. Read the first part: set-up (device,
-DDP, precision), batches and the learning rate, logging, checkpoints, and `Run`, the one object a trainer's main()
-holds. A first reading can stop at the line that says so; what follows keeps runs safe (flag checks, memory and NaN
-checks, exact resumption, safe loading, the folder lock).
+"""The run plumbing the scripts share, so each stays one linear story: set-up, batches, the
+learning rate, logging, checkpoints and `Run`, the one object a trainer's main() holds. What follows
+the line that says so keeps runs safe (flag, memory and NaN checks, exact resumption, the lock).
 """
 import argparse
 import atexit
@@ -30,35 +29,26 @@ import data
 import pvdm
 
 
-# ----------------------------------------------------------------------------------------------
-# Set-up: device, processes, precision
-# ----------------------------------------------------------------------------------------------
+# ---- Set-up: device, processes, precision
 
 
 def init_process(args):
-    """This process's rank, the world size and its device. Under torchrun the process joins the group (nccl on CUDA,
-    gloo on CPU); under plain python it is a world of one. Also sets args.device, args.precision, the seed and TF32."""
+    """(rank, world, device), joining torchrun's group; sets args.device, .precision, the seed."""
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device)
     args.device = str(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch_size < world or args.batch_size % world:
         fail(f"--batch-size {args.batch_size} cannot be split evenly over {world} processes; "
              f"use a multiple of {world}.", distributed)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(args.seed + rank)  # each rank draws different noise and timesteps
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)  # each rank draws its own noise
     return rank, world, device
-
-
-def wrap_ddp(model, device, world):
-    """The model in DistributedDataParallel under torchrun (gradients averaged over the ranks); alone, as it is."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
 
 def mean_over_ranks(value, world):
@@ -69,77 +59,52 @@ def mean_over_ranks(value, world):
     return value.item() / world
 
 
-def teardown(world):
-    """Leave the process group at the end, so torchrun sees every rank finish cleanly."""
-    if world > 1:
-        dist.destroy_process_group()
-
-
 def autocast(device, precision):
-    """The one mixed-precision context of every forward pass; a no-op in fp32. device: a torch.device or its type."""
+    """The one mixed-precision context of every forward pass; a no-op in fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def new_scaler(device, args, state=None, path=None):
-    """fp16's loss scaler (a no-op in other precisions), continuing the `state` a checkpoint saved on resume."""
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if state and scaler.is_enabled():
-        rebuilt(path, lambda: scaler.load_state_dict(state))
-    return scaler
-
-# ----------------------------------------------------------------------------------------------
-# Batches, the learning rate, logging
-# ----------------------------------------------------------------------------------------------
+# ---- Batches, the learning rate, logging
 
 
 def batches(dataset, batch_size, rank, world, seed, start_step, workers):
-    """Endless batches for this rank. The order is a pure function of (seed, epoch), so a resumed run
-    picks up exactly where the killed one stopped, without re-reading the clips it skips."""
-    per_epoch = len(dataset) // (batch_size * world)  # optimiser steps per epoch
+    """Endless batches for this rank, ordered by (seed, epoch) alone, so a resumed run goes on
+    exactly where the killed one stopped."""
+    per_epoch = len(dataset) // (batch_size * world)
     if per_epoch == 0:
-        raise SystemExit(f"error: the dataset has {len(dataset)} clips, fewer than one global batch of "
-                         f"{batch_size * world}; lower --batch-size.")
+        raise SystemExit(f"error: the dataset has {len(dataset)} clips, fewer than one global "
+                         f"batch of {batch_size * world}; lower --batch-size.")
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # clip start frames for this epoch
+            dataset.set_epoch(epoch)  # this epoch's clip start frames
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
         mine = order[: per_epoch * batch_size * world][rank::world]  # this rank's share
-        loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(), num_workers=workers,
-                            drop_last=True, pin_memory=torch.cuda.is_available(),
-                            generator=torch.Generator().manual_seed(seed + epoch))  # leaves the global stream alone
+        loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(),
+                            num_workers=workers, drop_last=True,
+                            pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(seed + epoch))
         try:
             for batch in loader:
                 yield batch
                 step += 1
-        except data.DataError as error:  # from a worker, the message ends with the dataset's own line
-            raise SystemExit(f"error: {str(error).splitlines()[-1].removeprefix('data.DataError: ')}") from None
+        except data.DataError as error:  # from a worker: the dataset's line comes last
+            line = str(error).splitlines()[-1].removeprefix("data.DataError: ")
+            raise SystemExit(f"error: {line}") from None
 
 
 def learning_rate(step, args):
-    """The rate for optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0 (which
-    settles the weights: the tiny autoencoder ends sharper). A pure function of the step, so resuming continues it."""
+    """The rate of step `step` (from 0): linear warm-up, then constant or cosine decay to 0."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.lr_decay == "constant":
         return args.lr
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def num_shapes_option(args, trained=None):
-    """make_dataset's shape-count option: --num-shapes if given, else `trained` (the shapes per video a model was
-    trained on; pass it for synthetic data only), else none (the set's default)."""
-    num_shapes = args.num_shapes if args.num_shapes is not None else trained
-    return {} if num_shapes is None else {"num_shapes": num_shapes}
-
-
-def trained_num_shapes(ckpt):
-    """Shapes per video of the synthetic clips a checkpoint's model learnt (None: real data; none recorded: two)."""
-    return ckpt.get("num_shapes", 2 if ckpt.get("args", {}).get("data") == "synthetic" else None)
 
 
 def log(rank, out, text):
@@ -151,85 +116,84 @@ def log(rank, out, text):
 
 
 class TrainingMeter:
-    """The log line's throughput and peak GPU memory, and once, a few steps in, the projected time to --steps."""
+    """The log line's clips/s and peak GPU memory, and once, the projected time to --steps."""
 
     def __init__(self, device, step, args, say):
-        self.device, self.args, self.say, self.start, self.step0 = device, args, say, time.time(), step
-        self.first, self.said = None, False  # first: (step, time) at the end of the first step
+        self.device, self.args, self.say, self.step0 = device, args, say, step
+        self.start, self.first, self.said = time.time(), None, False  # first: (step, time)
 
     def line(self, step):
         rate = (step - self.step0) * self.args.batch_size / (time.time() - self.start)
         if self.device.type != "cuda":
             return f"{rate:.1f} clips/s"
-        return f"{rate:.1f} clips/s | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return f"{rate:.1f} clips/s | peak mem {peak:.1f} GB"
 
     def project(self, step):
-        """Says once, after 5 steps or 30 s (timed from the end of the first step, so start-up does not count),
-        how long the run will take to reach --steps at this pace."""
+            # once, 5 steps or 30 s after the first (start-up does not count)
         self.first = self.first or (step, time.time())
         done, spent, total = step - self.first[0], time.time() - self.first[1], self.args.steps
         if self.said or not (done >= 5 or done and spent >= 30) or step >= total:
             return
         left, self.said = spent / done * (total - step), True
         days = f" ({left / 86400:.1f} days)" if left >= 86400 else ""
-        hint = ("; the paper preset on a CPU takes days: --preset tiny trains a small model in minutes"
+        hint = ("; the paper preset on a CPU takes days: --preset tiny takes minutes"
                 if self.device.type == "cpu" and self.args.preset == "paper" else "")
-        self.say(f"projected: {data.fmt_time(left)}{days} more to step {total}, at {spent / done:.2f} s per step"
-                 + hint)
+        self.say(f"projected: {data.fmt_time(left)}{days} more to step {total}, at "
+                 f"{spent / done:.2f} s per step{hint}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: self-describing, plain types, written atomically
-# ----------------------------------------------------------------------------------------------
+# ---- Checkpoints: self-describing, plain types, written atomically
 
 
-def save_checkpoint(obj, path):
-    """Write atomically: a run killed mid-save leaves the previous checkpoint intact. Refuses NaN or inf anywhere in
-    obj, so a blown-up model never replaces a good checkpoint; a full disk is one line, and no temporary file."""
+def save_checkpoint(obj, path, then=None):
+    """Write atomically, never NaN over a good model; a full disk is one line, no temporary."""
     bad = nonfinite(obj)
     if bad is not None:
-        raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. {what_is_left(path)}")
-    tmp = f"{path}.pvdm-tmp.{os.getpid()}"  # the marker remove_stale_temporaries looks for
+        raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. "
+                         f"{what_is_left(path, then or LOWER_LR)}")
+    tmp = f"{path}.pvdm-tmp.{os.getpid()}"  # see remove_stale_temporaries
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as error:  # a full disk is a RuntimeError in torch
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = getattr(error, "strerror", None) or "the disk may be full, or the folder not writable"
-        raise SystemExit(f"error: could not write {path} ({reason}). "
-                         f"{what_is_left(path, 'once there is space, or with another --out')}") from None
+        why = getattr(error, "strerror", None) or "the disk may be full, or the folder read-only"
+        left = what_is_left(path, "once there is space, or with another --out")
+        raise SystemExit(f"error: could not write {path} ({why}). {left}") from None
 
 
 def load_checkpoint(path, kind, resume=False):
-    """Load a self-describing checkpoint (plain types only, so weights_only=True) and check its kind and keys."""
+    """A checkpoint of `kind`, its keys checked."""
     if not os.path.exists(path):
-        stem, ext = os.path.splitext(path)
-        aside = sorted(glob.glob(f"{glob.escape(stem)}.[0-9]*{ext}"))  # what --start-over set aside
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the right path" + (
-            f" (--start-over set {aside[-1]} aside: rename it to {path} to resume it)." if aside else "."))
+        aside = set_aside(path)
+        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the "
+                         "right path" + (f" (--start-over set {aside} aside: rename it to {path} "
+                                         "to resume it)." if aside else "."))
     fix = f"pass a checkpoint that train_{kind}.py wrote"
     ckpt = load_file(path, f"the {kind} checkpoint", fix)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; {fix}.")
+        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; "
+                         f"{fix}.")
     wanted = CHECKPOINT_KEYS[kind] | (RESUME_KEYS if resume else {})
     missing = [k for k in wanted if entry(ckpt, k) is None]
-    if missing:
-        raise SystemExit(f"error: {path} lacks {', '.join(missing)}, so it is incomplete; {fix}.")
     wrong = [k for k, kind_of in wanted.items() if not isinstance(entry(ckpt, k), kind_of)]
     if wrong:
-        raise SystemExit(f"error: {path} holds {', '.join(wrong)} of the wrong type, so it is damaged; {fix}.")
+        raise SystemExit(f"error: {path} " + (f"lacks {', '.join(missing)}, so it is incomplete"
+                         if missing else f"holds {', '.join(wrong)} of the wrong type, so it is "
+                         "damaged") + f"; {fix}.")
     return ckpt
 
 
 def load_autoencoder(path, device="cpu"):
-    """Rebuild a trained autoencoder from its checkpoint alone (config + weights), in eval mode."""
+    """A trained autoencoder rebuilt from its checkpoint alone, in eval mode."""
     return autoencoder_from_checkpoint(load_checkpoint(path, "autoencoder"), device, path)
 
 
 def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
-    """The same, from a checkpoint already loaded (to read its other entries too)."""
+    """The same, from a checkpoint already loaded."""
     def build():
         model = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
@@ -238,71 +202,72 @@ def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
 
 
 def load_diffusion(path, device, autoencoder_path=None, ema=True):
-    """(autoencoder, diffusion, step, autoencoder path) in eval mode: a trained diffusion model (EMA weights unless
-    ema=False) and the autoencoder its checkpoint records (or the one given), refusing a pair that does not match."""
+    """(autoencoder, diffusion (EMA weights unless ema=False), step, autoencoder path), checked
+    as a pair, in eval mode."""
     ckpt = load_checkpoint(path, "diffusion")
-    autoencoder_path = autoencoder_path or recorded_autoencoder(path, ckpt["autoencoder"]["path"])
+    ae_path = autoencoder_path or recorded_autoencoder(path, ckpt["autoencoder"]["path"])
     if not ema and not isinstance(ckpt.get("model"), dict):
-        raise SystemExit(f"error: {path} holds its EMA weights only (an exported model); drop --no-ema.")
-    if not os.path.isfile(autoencoder_path):
-        raise SystemExit(f"error: no autoencoder at {autoencoder_path} (the one {path} was trained with); pass its "
-                         "path with --autoencoder.")
-    autoencoder = load_autoencoder(autoencoder_path, device)
-    ucfg = rebuilt(path, lambda: pvdm.UNetConfig(**ckpt["unet_config"]))
-    ae_shape = (autoencoder.cfg.latent_channels, *autoencoder.cfg.latent_size)
-    unet_shape = (ucfg.latent_channels, ucfg.frames, ucfg.size, ucfg.size)
-    if ae_shape != unet_shape:
-        raise SystemExit(f"error: {autoencoder_path} makes latents of shape (C, t, h, w) = {ae_shape}, but {path} "
-                         f"denoises {unet_shape}; pass the autoencoder the diffusion model was trained with.")
-    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, autoencoder_path)
+        raise SystemExit(f"error: {path} holds its EMA weights only (an exported model); drop "
+                         "--no-ema.")
+    if not os.path.isfile(ae_path):
+        raise SystemExit(f"error: no autoencoder at {ae_path} " + (
+            "(--autoencoder); pass one train_autoencoder.py wrote." if autoencoder_path else
+            f"(the one {path} was trained with); pass its path with --autoencoder."))
+    autoencoder = load_autoencoder(ae_path, device)
+    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, ae_path)  # so latents fit
+    dcfg = rebuilt(path, lambda: pvdm.DiffusionConfig(**ckpt["diffusion_config"]))
+    if not 0 <= dcfg.overlap < autoencoder.cfg.frames:
+        raise SystemExit(f"error: {path} records an overlap of {dcfg.overlap} frames, not 0 to "
+                         f"{autoencoder.cfg.frames - 1}, so it is damaged; pass one "
+                         "train_diffusion.py wrote.")
     weights = "ema" if ema else "model"
-    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(pvdm.TriplaneUNet(ucfg),
-                                                             pvdm.DiffusionConfig(**ckpt["diffusion_config"])))
+    diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(
+        pvdm.TriplaneUNet(pvdm.UNetConfig(**ckpt["unet_config"])), dcfg))
     rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
-    for name, module in ((autoencoder_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
+    for name, module in ((ae_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
         if nonfinite(module) is not None:
-            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be black; use an earlier "
-                             "checkpoint or train again.")
-    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), autoencoder_path
+            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be "
+                             "black; use an earlier checkpoint or train again.")
+    return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), ae_path
 
 
 def recorded_autoencoder(path, recorded):
-    """The autoencoder a diffusion checkpoint records, or the file of that name beside it: a folder moved whole
-    (pretrained/, or a run copied elsewhere) still finds its pair."""
+    """The recorded autoencoder, or the file of its name beside `path` (a folder moved whole)."""
     beside = os.path.join(os.path.dirname(path), os.path.basename(recorded))
     return beside if not os.path.isfile(recorded) and os.path.isfile(beside) else recorded
 
 
+def recorded_preset(ckpt):
+    """The preset a checkpoint's args record, or None."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    preset = args.get("preset") if isinstance(args, dict) else None
+    return preset if preset in pvdm.PRESETS else None
+
+
 def export_model(path, out):
-    """The model as shipped: OUT/autoencoder.pt and OUT/diffusion.pt from the stage-2 checkpoint at `path` and the
-    autoencoder it records, weights only (the UNet's EMA, no optimiser or random state) in half precision, which
-    halves the files; loading makes them float32 again. The diffusion file names the exported autoencoder by the
-    fingerprint of its rounded weights."""
+    """OUT/autoencoder.pt and OUT/diffusion.pt as shipped: weights only (EMA), in fp16."""
     ckpt = load_checkpoint(path, "diffusion")
-    ae_path = recorded_autoencoder(path, ckpt["autoencoder"]["path"])
-    ae = load_checkpoint(ae_path, "autoencoder")
-    half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    ae = load_checkpoint(recorded_autoencoder(path, ckpt["autoencoder"]["path"]), "autoencoder")
+    half = lambda state: {k: v.half() if v.is_floating_point() else v  # noqa: E731
+                          for k, v in state.items()}
     os.makedirs(out, exist_ok=True)
-    ae = {k: ae[k] for k in ("kind", "config", "step", "num_shapes")} | {"model": half(ae["model"])}
-    shipped_ae = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ae["config"]))
-    shipped_ae.load_state_dict(ae["model"])
-    save_checkpoint(ae, os.path.join(out, "autoencoder.pt"))
-    record = {"path": os.path.join(out, "autoencoder.pt"), "fingerprint": pvdm.fingerprint(shipped_ae)}
+    ae = {"kind": "autoencoder", "config": ae["config"], "step": ae.get("step", 0),
+          "args": {"preset": recorded_preset(ae)}, "model": half(ae["model"])}
+    record = {"path": os.path.join(out, "autoencoder.pt"),
+              "fingerprint": pvdm.fingerprint(autoencoder_from_checkpoint(ae))}
+    save_checkpoint(ae, record["path"])
     keep = ("kind", "unet_config", "diffusion_config", "step")
     save_checkpoint({k: ckpt[k] for k in keep} | {"ema": half(ckpt["ema"]), "autoencoder": record},
                     os.path.join(out, "diffusion.pt"))
-    print(f"wrote {out}/autoencoder.pt and {out}/diffusion.pt (step {ckpt['step']} of {path}, EMA weights, fp16)")
+    print(f"wrote {out}/autoencoder.pt and diffusion.pt (EMA weights of step {ckpt['step']}, fp16)")
 
 
-# ----------------------------------------------------------------------------------------------
-# A training run: what each trainer's main() calls, so that its loop shows only the model's work
-# ----------------------------------------------------------------------------------------------
+# ---- A training run: what a trainer's main() calls, so its loop shows only the model's work
 
 
 class Run:
-    """One training run of `kind` ("autoencoder" or "diffusion"): the process and its device, the output folder (locked;
-    a trained checkpoint is never overwritten), the checkpoint to continue on --resume, the log, and what every step
-    ends with: the loss averaged over the ranks, the NaN check, the log line and, every --save-every steps, the save."""
+    """One training run of `kind`: device, locked --out, the checkpoint to resume, stage 2's
+    frozen autoencoder, the log, and the end of each step."""
 
     def __init__(self, args, kind):
         self.args, self.kind = args, kind
@@ -310,6 +275,8 @@ class Run:
         self.path = prepare_out(args, f"{kind}.pt", self.rank, self.world)
         self.ckpt = load_checkpoint(self.path, kind, resume=True) if args.resume else {}
         self.step = self.ckpt.get("step", 0)
+        if kind == "diffusion":  # stage 2 learns on stage 1's latents
+            self.autoencoder = frozen_autoencoder(self, args.autoencoder)
 
     def fail(self, message):
         fail(message, self.world > 1)
@@ -317,93 +284,96 @@ class Run:
     def log(self, text):
         log(self.rank, self.args.out, text)
 
-    def resume(self, configs, **states):
-        """On --resume: refuse a checkpoint of other configs ({checkpoint key: config}), then load the `states`
-        (model=..., optimizer=...) and the random streams, so the run goes on as if it had never stopped."""
-        if not self.args.resume:
-            return
-        differs = [change for key, cfg in configs.items() for change in config_changes(self.ckpt[key], cfg)]
-        if differs:
-            self.fail(f"{self.path} was trained with a different config ({'; '.join(differs)}); resume with its "
-                      "flags, or start a new --out.")
-        load_states(self.path, self.ckpt, **states)
-        restore_rng(self.ckpt.get("rng"), self.rank, self.device, self.path)
+    def load(self, configs, trained, **states):
+        """On --resume, refuses other configs ({key: config}), then loads the `states` (model=...)
+        and random streams. Returns, per {scaler key: module} of `trained`, the module (in DDP
+        under torchrun) and fp16's loss scaler."""
+        states = {key: value for key, value in states.items() if value is not None}
+        size = checkpoint_bytes(states.values())
+        if size > 2**31:
+            self.log(f"disk: each save writes about {size / 2**30:.1f} GB to {self.path}")
+        if self.args.resume:
+            check_configs(self, configs)
+            for key, target in states.items():
+                if key in self.ckpt:  # load_checkpoint checked those every run has
+                    rebuilt(self.path, lambda: target.load_state_dict(self.ckpt[key]))
+            restore_rng(self)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        wrap = lambda m: DDP(m, device_ids=ids) if self.world > 1 and m is not None else m  # noqa
+        return [(wrap(module), self.scaler(self.ckpt.get(key))) for key, module in trained.items()]
 
-    def prepare(self, model, scalers=("scaler",)):
-        """The model wrapped for DDP under torchrun (as it is alone), and fp16's loss scaler for each name."""
-        return wrap_ddp(model, self.device, self.world), *(
-            new_scaler(self.device, self.args, self.ckpt.get(key), self.path) for key in scalers)
+    def scaler(self, state):
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.args.precision == "fp16")
+        if state and scaler.is_enabled():
+            rebuilt(self.path, lambda: scaler.load_state_dict(state))
+        return scaler
 
     def start(self, dataset, recipe, sized_step):
-        """The batches of this rank from the step reached, once the recipe is said and, for the paper preset, the
-        memory checked (sized_step(batch) -> (model, loss) on fake tensors). --start-over sets the old checkpoint aside
-        only now, once every input is checked, and Ctrl-C from here on ends the run in one line."""
+        """This rank's batches, once the recipe is said and the memory checked; only now does
+        --start-over set the old checkpoint aside."""
         args = self.args
-        self.log(f"recipe (preset {args.preset}): " + ", ".join(f"{key} {getattr(args, key)}" for key in recipe)
-                 + f", precision {args.precision}")
-        say_if_done(self.rank, args, self.path, self.step)
+        self.log(f"recipe (preset {args.preset}): " + ", ".join(
+            f"{key} {getattr(args, key)}" for key in recipe) + f", precision {args.precision}")
+        if self.step >= args.steps:
+            self.log(f"{self.path} is already at step {self.step}; pass a larger --steps to "
+                     "train on.")
         need = check_fits(args, self.device, self.world, sized_step)
         if need:
-            self.log(f"memory: about {need / 2**30:.1f} GB per training step at batch {args.batch_size // self.world} "
-                     f"per process (estimated on fake tensors)")
+            self.log(f"memory: about {need / 2**30:.1f} GB per training step at batch "
+                     f"{args.batch_size // self.world} per process (estimated on fake tensors)")
         self.stop_if_interrupted = begin_training(args, self.path, self.rank)
         self.meter = TrainingMeter(self.device, self.step, args, say=self.log)
-        return batches(dataset, args.batch_size // self.world, self.rank, self.world, args.seed, self.step,
-                       args.workers)
+        return batches(dataset, args.batch_size // self.world, self.rank, self.world, args.seed,
+                       self.step, args.workers)
 
     def set_learning_rate(self, *optimizers):
-        """This step's rate (warm-up, then cosine or constant) into the optimisers; returns it."""
-        self.stop_if_interrupted()  # Ctrl-C in a finaliser is acted on here (see begin_training)
-        lr = learning_rate(self.step, self.args)
+        """This step's rate (warm-up, then cosine or constant) into the optimisers."""
+        self.stop_if_interrupted()  # Ctrl-C in a finaliser (see begin_training)
         for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = lr
-        return lr
+            group["lr"] = learning_rate(self.step, self.args)
 
-    def end_step(self, loss, modules, text=""):
-        """Count the step; stop on a non-finite loss, or on non-finite weights in `modules` when this step saves; log
-        (with `text` after the loss). Returns whether this step saves (the caller then builds the checkpoint and calls
-        save) on this rank."""
+    def end_step(self, loss, modules, **more):
+        """Count the step, stop on NaN, log; True when rank 0 saves now (the caller calls save)."""
         args, self.step = self.args, self.step + 1
-        loss_value = mean_over_ranks(loss, self.world)
+        losses = {k: mean_over_ranks(v, self.world) for k, v in {"loss": loss, **more}.items()}
         saving = self.step % args.save_every == 0 or self.step == args.steps
-        check_finite(loss_value, self.step, self.path, modules if saving else [])
-        self.rng = rng_states(self.device, self.world) if saving else None  # gathered from every rank
-        self.meter.project(self.step)  # once, a few steps in: the time to --steps at this pace
+        check_finite(self, losses, modules if saving else [])
+        self.rng = rng_states(self) if saving else None
+        self.meter.project(self.step)
         if self.step % args.log_every == 0 or self.step == args.steps:
-            self.log(f"step {self.step:6d} | loss {loss_value:.4f}{text} | lr {learning_rate(self.step - 1, args):.2e} "
-                     f"| {self.meter.line(self.step)}")
+            shown = " | ".join(f"{name} {value:.4f}" for name, value in losses.items())
+            self.log(f"step {self.step:6d} | {shown} | lr {learning_rate(self.step - 1, args):.2e}"
+                     f" | {self.meter.line(self.step)}")
         return saving and self.rank == 0
 
     def save(self, ckpt):
-        """Write the checkpoint (atomically; refused if anything in it is NaN), with the step, args and random state."""
-        save_checkpoint({"kind": self.kind, **ckpt, "step": self.step, "args": vars(self.args), "rng": self.rng},
-                        self.path)
+        """Write the checkpoint atomically, with the step, args and random state."""
+        save_checkpoint({"kind": self.kind, **ckpt, "step": self.step, "args": vars(self.args),
+                         "rng": self.rng}, self.path, remedy(self.args))
 
     def finish(self):
-        teardown(self.world)
+        """Leave the process group, so torchrun sees every rank finish cleanly."""
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
-# ==============================================================================================
-# A first reading can stop here. What follows keeps runs safe and changes nothing a model learns.
-# ==============================================================================================
+# ==== A first reading can stop here: what follows keeps runs safe, and changes nothing learnt
 
-# ----------------------------------------------------------------------------------------------
-# Flags: every number and device is checked where it enters
-# ----------------------------------------------------------------------------------------------
+# ---- Flags: every number and device is checked where it enters
 
 
 def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """An argparse type: a finite int or float from low to high (an end left out when open_*); a value it refuses
-    gets the allowed range in the message."""
+    """An argparse type: a finite int or float from low to high (an end out if open_*)."""
     name = "whole number" if kind is int else "finite number"
+    ends = "(" if open_low else "[", ")" if open_high else "]"
     allowed = ((f"from {low} to {high}" if high < math.inf else f">= {low}") if kind is int else
-               "in " + ("(" if open_low else "[") + f"{low:g}, {high:g}" + (")" if open_high else "]"))
+               f"in {ends[0]}{low:g}, {high:g}{ends[1]}")
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {name.removeprefix('finite ')}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {name.split()[-1]}") from None
         outside = not (math.isfinite(value) and low <= value <= high)
         if outside or value == low and open_low or value == high and open_high:
             raise argparse.ArgumentTypeError(f"{text} is out of range; use a {name} {allowed}")
@@ -413,8 +383,8 @@ def number_in(kind, low=-math.inf, high=math.inf, open_low=False, open_high=Fals
 
 int_in = lambda low, high=math.inf: number_in(int, low, high)  # noqa: E731
 float_in = partial(number_in, float)
-positive_int, non_negative_int, finite_float, probability = int_in(1), int_in(0), float_in(), float_in(0, 1)
-learning_rate_value = float_in(0, 1, open_low=True)
+positive_int, non_negative_int, probability = int_in(1), int_in(0), float_in(0, 1)
+finite_float, learning_rate_value = float_in(), float_in(0, 1, open_low=True)
 
 
 def device_name(text):
@@ -425,131 +395,223 @@ def device_name(text):
 
 
 def resolve_device(name):
-    """The torch.device a --device value names (None: cuda when available; cuda: cuda:LOCAL_RANK under torchrun,
-    cuda:0 alone), or one line saying why it cannot be used."""
+    """The torch.device of a --device (None: cuda if any; under torchrun cuda:LOCAL_RANK)."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    device, count = torch.device(name), torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and device.index >= count:
-        raise SystemExit(f"error: --device {name} asked for, but this torch sees {count} CUDA GPU(s); "
-                         + ("use --device cpu." if count == 0 else f"use cuda:0 to cuda:{count - 1}."))
+        use = "--device cpu" if count == 0 else f"cuda:0 to cuda:{count - 1}"
+        raise SystemExit(f"error: --device {name} asked for, but this torch sees {count} CUDA "
+                         f"GPU(s); use {use}.")
     return device
 
 
 def add_data_args(p):
     """The data flags shared by the training and evaluation scripts."""
-    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="synthetic needs no download, footage "
-                   f"needs `{data.FOOTAGE_INSTALL}`; the others read --data-dir")
+    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="synthetic needs no "
+                   f"download, footage needs `{data.FOOTAGE_INSTALL}`; the others read --data-dir")
     p.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
     p.add_argument("--split", default="train", choices=data.SPLITS)
     p.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
-    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    p.add_argument("--num-shapes", type=int_in(1, 8), help="synthetic data only: shapes per video (default 1; 2 is a "
-                   "harder set)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers")
     return p
 
 
-LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, which the tiny presets are sized for
+LAPTOP_DATA = ("synthetic", "footage")  # the quick starts' data, for the tiny preset
 
 
 def preset_help(stage, key, text=""):
-    """A flag's help with what each preset of pvdm.PRESETS sets it to, as --help shows it."""
+    """A flag's help with what each preset sets it to."""
     values = "; ".join(f"{name}: {preset[stage][key]}" for name, preset in pvdm.PRESETS.items())
     return f"{text} (default: the preset's; {values})".lstrip()
 
 
 def parse_for_data(parser, argv, data_defaults, stage):
-    """Parse argv; a flag left out takes the chosen --data's default from `data_defaults` (so each quick start runs
-    with no extra flag), else the preset's from pvdm.PRESETS[preset][stage]. The preset is tiny on the quick starts'
-    data and paper on the others, unless --preset says."""
+    """Parse argv; a flag left out takes its --data's default, else the preset's. The preset,
+    unless given: the checkpoint's on --resume, the autoencoder's in stage 2, else by --data.
+    args.raised keeps float flags set tenfold above their defaults, which a NaN stop names."""
     chosen = parser.parse_known_args(argv)[0].data
     parser.set_defaults(**data_defaults.get(chosen, {}))
     args = parser.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.data in LAPTOP_DATA else "paper")
-    for key, value in pvdm.PRESETS[args.preset][stage].items():
+    kind = stage.removeprefix("train_")
+    follows = ([os.path.join(args.out, f"{kind}.pt")] if args.resume else []) + (
+        [args.autoencoder] if kind == "diffusion" else [])
+    recorded = next(filter(None, map(preset_on_disk, follows)), None)
+    args.preset = args.preset or recorded or ("tiny" if args.data in LAPTOP_DATA else "paper")
+    row = pvdm.PRESETS[args.preset][stage]
+    defaults = {key: parser.get_default(key) for key in vars(args)} | row
+    for key, value in row.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.raised = {key: value for key, value in vars(args).items() if isinstance(value, float)
+                   and (defaults.get(key) is None or value > 10 * defaults[key])}
     return args
 
 
+def preset_on_disk(path):
+    """The preset a checkpoint file records, read without its tensors (mmap), or None."""
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if os.path.isfile(path):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return recorded_preset(ckpt)
+    return None
+
+
 def add_common_args(p, out, stage):
-    """Flags both training stages share; `stage` names their defaults' row of pvdm.PRESETS. --batch-size is the global
-    batch, split evenly over the ranks."""
+    """Flags both training stages share."""
     add_data_args(p)
+    preset = partial(preset_help, stage)
     p.add_argument("--resolution", type=int_in(1, 1024), help="frame size (default: the preset's)")
     p.add_argument("--frames", type=int_in(1, 1024), help="frames per clip (default: the preset's)")
-    p.add_argument("--batch-size", type=positive_int, help=preset_help(stage, "batch_size", "global batch"))
-    p.add_argument("--steps", type=positive_int, help=preset_help(stage, "steps", "optimiser steps in total"))
-    p.add_argument("--warmup", type=non_negative_int, help=preset_help(stage, "warmup", "steps of linear warm-up"))
-    p.add_argument("--lr-decay", choices=["cosine", "constant"],
-                   help=preset_help(stage, "lr_decay", "after warm-up: cosine decay to zero at --steps, or constant"))
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help=preset_help(stage, "grad_checkpointing", "recompute each block's activations in backward: "
-                                    "less memory, more time"))
-    p.add_argument("--out", default=out, help=f"folder for the checkpoint, previews and log (default: {out} on "
-                   f"synthetic data, else runs/DATA/{os.path.basename(out)})")
+    p.add_argument("--batch-size", type=positive_int, help=preset("batch_size", "global batch"))
+    p.add_argument("--steps", type=positive_int, help=preset("steps"))
+    p.add_argument("--warmup", type=non_negative_int, help=preset("warmup", "steps of warm-up"))
+    p.add_argument("--lr-decay", choices=["cosine", "constant"], help=preset("lr_decay"))
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help=preset(
+        "grad_checkpointing", "recompute activations in backward: less memory"))
+    p.add_argument("--out", default=out, help=f"folder for the checkpoint, previews and log "
+                   f"(default: {out}, or runs/DATA/{os.path.basename(out)})")
     either = p.add_mutually_exclusive_group()
-    either.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    either.add_argument("--start-over", action="store_true",
-                   help="train afresh although --out holds a checkpoint; the old one is kept beside it, renamed")
+    either.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    either.add_argument("--start-over", action="store_true", help="train afresh; the old "
+                        "checkpoint and previews are kept, renamed")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--save-every", type=positive_int, default=500)
-    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if any)")
 
-# ----------------------------------------------------------------------------------------------
-# Checks, safe loading and exact resumption: one line, never a lost model or a mismatched pair
-# ----------------------------------------------------------------------------------------------
+
+# ---- Checks and exact resumption: one line, never a lost model or a mismatched pair
 
 
 def fail(message, distributed=False):
-    """A user error found at start-up: one line, and a clean exit on every rank."""
+    """A user error at start-up: one line, and a clean exit on every rank."""
     if distributed:
         dist.destroy_process_group()
     raise SystemExit(f"error: {message}")
 
 
 def check_fits(args, device, world, build):
-    """The paper preset, before training allocates: the memory a training step needs on this rank, estimated on fake
-    tensors (fp32 weights, gradients and AdamW's two moments, plus what the forward keeps for backward), in bytes.
-    Memory that is not there is one line naming the flag that fits, not a kernel's kill minutes later.
-    build(batch): (model, loss). None for the tiny preset."""
+    """The paper preset's bytes per step on this rank, from build(batch) -> (model, loss) on fake
+    tensors; memory that is not there is one line, not a kill minutes later."""
     if args.preset != "paper":
         return None
-    kept = {}  # storage -> bytes of every tensor saved for backward
+    kept = {}  # storage -> bytes, of every tensor saved for backward
 
     def keep(t):
         kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
-    with FakeTensorMode(), autocast("cpu", args.precision), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with (FakeTensorMode(), autocast("cpu", args.precision),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)):
         model, loss = build(args.batch_size // world)
         loss.backward()
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    need = 16 * sum(p.numel() for p in model.parameters()) + sum(v for k, v in kept.items() if k not in weights)
+    need = 16 * sum(p.numel() for p in model.parameters()) + sum(
+        v for k, v in kept.items() if k not in weights)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_ram()
     if need > free:
-        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if device.type == "cpu" else
+        fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if
+               device.type == "cpu" else
                "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training step at batch "
-                         f"{args.batch_size // world}, but this {device.type} has {free / 2**30:.0f} GB free; {fix}.")
+        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training "
+                         f"step at batch {args.batch_size // world}, but this {device.type} has "
+                         f"{free / 2**30:.0f} GB free; {fix}.")
     return need
 
 
 def free_ram():
-    """Memory the kernel can still give this process (Linux: MemAvailable), else the machine's total."""
+    """Memory the kernel can still give (Linux: MemAvailable), else the machine's."""
     with contextlib.suppress(OSError, StopIteration):
         with open("/proc/meminfo") as f:
-            return 1024 * int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
+            line = next(line for line in f if line.startswith("MemAvailable"))
+            return 1024 * int(line.split()[1])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def checkpoint_bytes(states):
+    """Bytes of a checkpoint of these modules and AdamW optimisers (two moments a weight)."""
+    tensors = [t for s in states if isinstance(s, torch.nn.Module) for t in s.state_dict().values()]
+    tensors += [p for s in states if isinstance(s, torch.optim.Optimizer)
+                for group in s.param_groups for p in group["params"] * 2]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def frozen_autoencoder(run, path):
+    """Stage 2's frozen autoencoder (on --resume, the checkpoint's); says if --preset differs."""
+    ckpt = load_checkpoint(path, "autoencoder")
+    model = autoencoder_from_checkpoint(ckpt, run.device, path).requires_grad_(False)
+    if run.ckpt:  # trained on the latents of this autoencoder only
+        check_same_autoencoder(run.path, run.ckpt["autoencoder"], model, path)
+    if recorded_preset(ckpt) not in (None, run.args.preset):
+        run.log(f"note: --preset {run.args.preset} sizes the UNet and its recipe, but {path} was "
+                f"trained with preset {recorded_preset(ckpt)}")
+    return model
+
+
+def check_configs(run, configs):
+    """Refuse to resume a checkpoint of other configs ({key: config}): other classes are the data's
+    or --class-cond's, the rest other flags."""
+    differs = [change for key, cfg in configs.items()
+               for change in config_changes(run.ckpt[key], cfg)]
+    classes = [change for change in differs if change.startswith("classes ")]
+    if classes:
+        run.fail(f"{run.path} learnt other classes than this run has ({classes[0]}); resume on the "
+                 "videos it learnt from, with --class-cond as then, or train a new model "
+                 "(--start-over or another --out).")
+    if differs:
+        run.fail(f"{run.path} was trained with a different config ({'; '.join(differs)}); resume "
+                 "with its flags, or start a new --out.")
+
+
+def config_changes(saved, current):
+    """How a checkpoint's config differs from this run's (activation checkpointing may)."""
+    try:
+        there = asdict(type(current)(**saved))
+    except (TypeError, ValueError) as error:  # a field unknown here, or a wrong value
+        return [f"one this code cannot read: {error}"]
+    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
+            if key != "grad_checkpointing" and there[key] != value]
+
+
+def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
+    """Refuse another autoencoder than a diffusion checkpoint's: its latents would be noise."""
+    if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
+        raise SystemExit(f"error: {path} was trained with a different autoencoder than "
+                         f"{autoencoder_path} (weights fingerprint differs); pass the one it was "
+                         f"trained with, {record['path']} when it was saved (--start-over keeps "
+                         "the old one beside, renamed).")
+
+
+def rng_states(run):
+    """Every rank's random state, so a resumed run draws the noise of an unbroken one."""
+    cuda = [torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else []
+    states = [[torch.get_rng_state(), *cuda]] * run.world
+    if run.world > 1:
+        dist.all_gather_object(states, states[0])
+    return states
+
+
+def restore_rng(run):
+    """Continue the random streams a checkpoint saved (if it had these ranks)."""
+    def restore(cpu, cuda=None):
+        torch.set_rng_state(cpu)
+        if cuda is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, run.device)
+    states = run.ckpt.get("rng")
+    if states is not None and len(states) > run.rank:
+        rebuilt(run.path, lambda: restore(*states[run.rank]))
+
+
 def nonfinite(tree):
-    """The name of the first floating tensor holding NaN or inf in a module or a nested checkpoint dict, or None."""
+    """The name of the first tensor with NaN or inf in a module or nested dict, or None."""
     items = tree.state_dict().items() if isinstance(tree, torch.nn.Module) else (
-        tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ())
+        tree.items() if isinstance(tree, dict) else
+        enumerate(tree) if isinstance(tree, (list, tuple)) else ())
     for key, value in items:
         if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
             return str(key)
@@ -559,72 +621,68 @@ def nonfinite(tree):
     return None
 
 
-def what_is_left(ckpt_path, then="with a lower --lr or --precision fp32"):
-    """What a stopped run leaves behind, in words, with what to do next."""
-    if os.path.exists(ckpt_path):
-        return f"The last checkpoint, {ckpt_path}, is intact: resume from it {then}."
-    return f"No checkpoint was written yet: start again {then}."
-
-
-def check_finite(loss, step, ckpt_path, modules=()):
-    """Stop at a non-finite loss, or at non-finite weights in the modules about to be saved (the loss comes before the
-    optimiser step, so a finite one can still leave NaN weights). Every rank checks, so all stop together."""
-    bad = None if math.isfinite(loss) else f"the loss became {loss}"
+def check_finite(run, losses, modules):
+    """Stop every rank at a non-finite loss, or weights of `modules`, saying what to change."""
+    bad = next((f"the {k} became {v}" for k, v in losses.items() if not math.isfinite(v)), None)
     for module in modules:
         name = bad is None and nonfinite(module)
         bad = bad or name and f"the weights became non-finite ({name})"
     if bad:
-        raise SystemExit(f"error: {bad} at step {step}; stopping without saving. {what_is_left(ckpt_path)}")
+        raise SystemExit(f"error: {bad} at step {run.step}; stopping without saving. "
+                         f"{what_is_left(run.path, remedy(run.args))}")
 
 
-def say_if_done(rank, args, ckpt_path, step):
-    """A resumed run already at --steps trains nothing: one line says so, rather than a silent exit."""
-    if step >= args.steps:
-        log(rank, args.out, f"{ckpt_path} is already at step {step} of --steps {args.steps}; pass a larger --steps "
-            "to train on.")
+LOWER_LR = "with a lower --lr or --precision fp32"
 
 
-def rng_states(device, world):
-    """Every rank's random state (CPU and GPU), for the checkpoint: a resumed run draws the noise of an unbroken one."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states
+def remedy(args):
+    """After a NaN: the flags set tenfold above their defaults nearer them, else the rate."""
+    raised = [f"--{key.replace('_', '-')} (here {value:g})"
+              for key, value in getattr(args, "raised", {}).items()]
+    return f"with {' and '.join(raised)} nearer the default" if raised else LOWER_LR
 
 
-def restore_rng(states, rank, device, path):
-    """Continue the random streams the checkpoint at `path` saved (unless it had another number of ranks)."""
-    def restore():
-        torch.set_rng_state(states[rank][0])
-        if device.type == "cuda" and len(states[rank]) > 1:
-            torch.cuda.set_rng_state(states[rank][1], device)
-    if states is not None and len(states) > rank:
-        rebuilt(path, restore)
+def set_aside(path):
+    """The newest checkpoint --start-over set aside in place of `path` (NAME.TIME.pt), or None."""
+    stem, ext = os.path.splitext(path)
+    return max(glob.glob(f"{glob.escape(stem)}.[0-9]*{ext}"), key=os.path.getmtime, default=None)
+
+
+def what_is_left(path, then=LOWER_LR):
+    """What a stopped run leaves behind, with what to do next."""
+    if os.path.exists(path):
+        return f"The last checkpoint, {path}, is intact: resume from it {then}."
+    aside = set_aside(path)
+    return (f"No checkpoint of this run was written yet; the one before is kept as {aside} "
+            f"(rename it to {path} to resume it): start again {then}." if aside else
+            f"No checkpoint was written yet: start again {then}.")
 
 
 def load_file(path, what, fix):
-    """The one way a checkpoint or cache is read: torch.load with weights_only=True, so a hostile pickle never runs.
-    A missing, empty, truncated, foreign or hostile file is one line naming it and `fix`, what to do."""
+    """A checkpoint or cache, weights only (a hostile pickle never runs); else one line."""
     path = str(path)
-    problem = ("is a folder, not a file" if os.path.isdir(path) else "does not exist" if not os.path.isfile(path)
-               else "is empty" if os.path.getsize(path) == 0 else None)
+    problem = ("is a folder, not a file" if os.path.isdir(path) else
+               "does not exist" if not os.path.exists(path) else
+               "is not a regular file (a FIFO, socket or device)" if not os.path.isfile(path) else
+               "is empty" if os.path.getsize(path) == 0 else None)
     if problem is None:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch warns before failing on some foreign files
+                warnings.simplefilter("ignore")  # before failing on some foreign files
                 return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's own message here suggests weights_only=False: never do that
-            problem = "holds more than tensors and plain values (foreign, damaged or hostile), so it was not unpickled"
-        except Exception:  # zip and OS errors of truncated or damaged files
+        except pickle.UnpicklingError:  # torch would suggest weights_only=False: never
+            problem = ("holds more than tensors and plain values (foreign, damaged or hostile), "
+                       "so it was not unpickled")
+        except Exception:  # zip and OS errors
             problem = "cannot be read (it is truncated, damaged or not a PyTorch file)"
     raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
 
 
-# What every checkpoint of a kind holds (each entry's type; dotted: an entry inside one), and what resuming needs.
+# What each kind of checkpoint holds (the types; dotted: inside one), and what resuming needs
 CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
                    "diffusion": {"unet_config": dict, "diffusion_config": dict, "ema": dict,
-                                 "autoencoder": dict, "autoencoder.path": str, "autoencoder.fingerprint": str}}
+                                 "autoencoder": dict, "autoencoder.path": str,
+                                 "autoencoder.fingerprint": str}}
 RESUME_KEYS = {"optimizer": dict, "step": int}
 
 
@@ -636,130 +694,104 @@ def entry(tree, dotted):
 
 
 def rebuilt(path, build):
-    """build() a model from a loaded checkpoint, answering a config or weights this code cannot use in one line."""
+    """build() from a loaded checkpoint; a config or weights this code cannot use is one line."""
     try:
         return build()
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
-        raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a model from "
-                         f"({str(error).splitlines()[0][:200]}); pass a checkpoint this version wrote.") from None
+        raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a "
+                         f"model from ({str(error).splitlines()[0][:200]}); pass a checkpoint "
+                         "this version wrote.") from None
 
 
-def config_changes(saved, current):
-    """Fields in which a checkpoint's config (a dict, read through the dataclass so a field added since reads at its
-    default) differs from this run's. Activation checkpointing leaves the model as it is: resuming may switch it."""
-    try:
-        there = asdict(type(current)(**saved))
-    except (TypeError, ValueError) as error:  # a field this code does not know, or a value it refuses
-        return [f"one this code cannot read: {error}"]
-    return [f"{key} {there[key]} there, {value} here" for key, value in asdict(current).items()
-            if key != "grad_checkpointing" and there[key] != value]
-
-
-def load_states(path, ckpt, **targets):
-    """On resume, each model or optimiser in `targets` loads ckpt[its keyword]; a mismatch is one line, not a trace."""
-    for key, target in targets.items():
-        rebuilt(path, lambda: target.load_state_dict(ckpt[key]))
-
-
-def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
-    """Refuse an autoencoder other than the one a diffusion checkpoint records: its latents would be noise here."""
-    if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
-        raise SystemExit(f"error: {path} was trained with a different autoencoder than {autoencoder_path} (weights "
-                         f"fingerprint differs); pass the one it was trained with, {record['path']} when it was "
-                         "saved (a --start-over run keeps the old one beside the new, renamed with the time).")
-
-
-# ----------------------------------------------------------------------------------------------
-# The output folder: one run at a time, nothing trained overwritten, no stale temporary files
-# ----------------------------------------------------------------------------------------------
+# ---- The output folder: one run at a time, nothing trained overwritten, no stale files
 
 
 def make_out_dir(out):
-    """Create --out, or say in one line why it cannot be (a file in the way, no permission)."""
+    """Create --out, or say in one line why it cannot be."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: cannot create --out {out} ({error.strerror}: {error.filename}); pass a folder "
-                         "path.") from None
+        raise SystemExit(f"error: cannot create --out {out} ({error.strerror}: "
+                         f"{error.filename}); pass a folder path.") from None
 
 
 def lock_exclusively(fd):
-    """The kernel's lock on an open file, this process's alone (not its forked workers') to its end; False if taken."""
+    """The kernel's lock on an open file, this process's to its end; False if taken."""
     try:
         if os.name == "nt":
             import msvcrt
-            os.lseek(fd, 1 << 20, os.SEEK_SET)  # lock a byte past the text, so others can still read the pid
+            os.lseek(fd, 1 << 20, os.SEEK_SET)  # past the text, so the pid stays readable
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # closing any descriptor of the file would drop it: see HELD
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # any close drops it: HELD
         return True
-    except (BlockingIOError, PermissionError):  # held: EWOULDBLOCK on POSIX, EACCES on Windows
+    except (BlockingIOError, PermissionError):  # EWOULDBLOCK on POSIX, EACCES on Windows
         return False
 
 
-LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,10})(?:@\S+)?", re.ASCII)  # 'pvdm run PID', or an older lock's text
-HELD = {}  # run.lock path -> its locked descriptor, the only one this process ever opens on it
+LOCK_TEXT = re.compile(r"(?:pvdm run )?(\d{1,10})(?:@\S+)?", re.ASCII)  # or an older lock's text
+HELD = {}  # run.lock path -> this process's one locked descriptor of it
 
 
 def take_lock(out):
-    """One run per folder: an exclusive kernel lock on OUT/run.lock, held until this process ends, so a killed run
-    never leaves the folder stuck. The file names the run's pid, for the message a second run gets, and is removed at
-    exit; a run.lock this project did not write is never overwritten, a link or special file never opened."""
-    lock = os.path.join(os.path.realpath(out), "run.lock")  # one key per folder for HELD, however it is named
+    """One run per folder: a kernel lock on OUT/run.lock to this process's end (a killed run
+    never leaves it stuck), naming the pid; a foreign file or link is never touched."""
+    lock = os.path.join(os.path.realpath(out), "run.lock")  # one key per folder
     clear = f"if no run uses {out}, delete {lock}, or pass another --out"
-    if lock in HELD and os.path.lexists(lock) and os.path.samestat(os.fstat(HELD[lock]), os.lstat(lock)):
-        return  # main() run again in this process (a notebook): it holds the lock already
+    if lock in HELD and os.path.lexists(lock) and os.path.samestat(os.fstat(HELD[lock]),
+                                                                   os.lstat(lock)):
+        return  # main() run again in this process (a notebook) holds it already
     while True:
         fd = None
         try:
-            if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # a FIFO, folder or link
+            if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # FIFO, link
                 raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0))
             if not lock_exclusively(fd):
                 found = LOCK_TEXT.fullmatch(read_text(fd))
                 os.close(fd)
-                raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) is using {out}; wait "
-                                 "for it to finish, or pass another --out.")
+                raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) "
+                                 f"is using {out}; wait for it to finish, or pass another --out.")
             if os.path.samestat(os.fstat(fd), os.lstat(lock)):
                 break
-            os.close(fd)  # its run removed that file as it ended: lock the new one
-        except FileNotFoundError:  # removed meanwhile by a run that was ending: try again
-            if fd is not None:
-                os.close(fd)
-        except OSError as error:  # no permission, or no file locks here (NFS without them, some FUSE mounts)
-            raise SystemExit(f"error: cannot lock {lock} ({error.strerror}); pass an --out you can write, on a disk "
-                             "with file locks.") from None
+            os.close(fd)  # removed by its ending run: lock the new one
+        except FileNotFoundError:  # removed meanwhile by an ending run: try again
+            fd is None or os.close(fd)
+        except OSError as error:  # no permission, or no file locks (some NFS, FUSE)
+            raise SystemExit(f"error: cannot lock {lock} ({error.strerror}); pass an --out you "
+                             "can write, on a disk with file locks.") from None
     HELD[lock] = fd
     atexit.register(release_lock, lock)
     text = read_text(fd)
     if text and not LOCK_TEXT.fullmatch(text):
         os.close(HELD.pop(lock))
-        raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
+        raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; "
+                         f"{clear}.")
     os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, f"pvdm run {os.getpid()}".encode())
+    os.write(fd, f"pvdm run {os.getpid()}".encode())  # read_text left the offset at 0
 
 
 def read_text(fd):
-    """The start of an open file, as text."""
+    """The start of an open file, as text; the offset is left at 0."""
     os.lseek(fd, 0, os.SEEK_SET)
-    return os.read(fd, 200).decode("ascii", "replace").strip()
+    text = os.read(fd, 200).decode("ascii", "replace").strip()
+    os.lseek(fd, 0, os.SEEK_SET)
+    return text
 
 
 def release_lock(lock):
-    """Remove run.lock while still holding it (unless it is no longer ours), then let it go."""
+    """Remove run.lock while still holding it (if still ours), then let it go."""
     fd = HELD.pop(lock, None)
     if fd is not None:
-        with contextlib.suppress(OSError):  # Windows keeps an open file: there run.lock stays, to be taken over
+        with contextlib.suppress(OSError):  # Windows keeps an open file: the next run takes it
             if os.path.samestat(os.fstat(fd), os.lstat(lock)):
                 os.remove(lock)
         os.close(fd)
 
 
 def remove_stale_temporaries(out):
-    """Temporary files of saves that died half-way (older versions put the host before the pid): in a folder this run
-    has locked, no other run writes."""
+    """Temporary files of saves that died half-way (this run's lock says no other writes)."""
     for name in os.listdir(out):
         if re.fullmatch(r".+\.pvdm-tmp\.(?:.+\.)?\d+", name, re.ASCII):
             with contextlib.suppress(OSError):
@@ -767,20 +799,22 @@ def remove_stale_temporaries(out):
 
 
 def prepare_out(args, name, rank, world):
-    """--out made safe to train in, and the checkpoint path OUT/name. Rank 0 locks the folder, removes stale
-    temporary files and refuses to let a fresh run overwrite a checkpoint: --resume continues it, --start-over
-    (in begin_training, once every input is checked) keeps it beside the new one. Every rank stops together."""
+    """OUT/name, once rank 0 has locked --out, removed stale temporaries and checked that a
+    fresh run overwrites no checkpoint."""
     path, message = os.path.join(args.out, name), None
     if rank == 0:
         try:
             make_out_dir(args.out)
             take_lock(args.out)
             remove_stale_temporaries(args.out)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise SystemExit(f"error: {path} is a folder or special file where the checkpoint "
+                                 "goes; move it away, or pass another --out.")
             if not (args.resume or args.start_over) and os.path.exists(path):
-                raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume to continue it, "
-                                 "--start-over to train a new one (the old one is kept beside it, renamed), or "
-                                 "another --out.")
-        except (SystemExit, OSError) as error:  # OSError: writing run.lock failed (a full disk)
+                raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume "
+                                 "to continue it, --start-over to train a new one (the old one is "
+                                 "kept beside it, renamed), or another --out.")
+        except (SystemExit, OSError) as error:  # OSError: a full disk
             message = str(error).removeprefix("error: ")
     if world > 1:
         box = [message]
@@ -791,16 +825,22 @@ def prepare_out(args, name, rank, world):
     return path
 
 
+PREVIEW = re.compile(r"[a-z]+_\d{7}\.(?:png|mp4)", re.ASCII)  # recon_0000500.png, sample_...mp4
+
+
 def begin_training(args, path, rank):
-    """Once every input is checked: --start-over sets the old checkpoint aside, renamed with the time (a typo in a flag
-    never leaves the folder without one), and Ctrl-C ends the run in one line saying how to resume. Returns the check
-    the loop makes at every step, for Ctrl-C in a finaliser (imageio closes files in __del__), which swallows exits."""
+    """--start-over renames the old checkpoint and previews with the time; Ctrl-C ends in one
+    line. Returns the check of each step, for Ctrl-C in a finaliser (which swallows exits)."""
     if rank == 0 and args.start_over and os.path.exists(path):
         stem, ext = os.path.splitext(path)
-        kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}{ext}"
-        kept = f"{stem}.{time.time_ns()}{ext}" if os.path.exists(kept) else kept  # two start-overs within a second
-        os.replace(path, kept)
-        log(rank, args.out, f"--start-over: the old checkpoint is kept as {kept}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = time.time_ns() if os.path.exists(f"{stem}.{stamp}{ext}") else stamp
+        previews = [name for name in os.listdir(args.out) if PREVIEW.fullmatch(name)]
+        for old in [path, *(os.path.join(args.out, name) for name in previews)]:
+            base, suffix = os.path.splitext(old)
+            os.replace(old, f"{base}.{stamp}{suffix}")
+        log(rank, args.out, f"--start-over: the old checkpoint is kept as {stem}.{stamp}{ext}"
+            + (f", its {len(previews)} previews renamed alike" if previews else ""))
     pressed = []
 
     def on_ctrl_c(signum, frame):
@@ -814,22 +854,24 @@ def begin_training(args, path, rank):
 
 
 def interrupted(path, rank):
-    """Ctrl-C in training: what was kept, and the command that continues it."""
+    """Ctrl-C in training: what was kept, and how to continue it."""
     if rank:
         raise SystemExit(1)  # rank 0 says it
     if not os.path.exists(path):
-        raise SystemExit("interrupted before the first checkpoint, so nothing was kept; run the command again.")
+        raise SystemExit(f"interrupted. {what_is_left(path, 'with the same command')}")
     step = load_file(path, "the checkpoint", "train again")["step"]
-    argv = [a for a in sys.argv if a != "--start-over"] + ["--resume"] * ("--resume" not in sys.argv)
-    raise SystemExit(f"interrupted: the last checkpoint, {path}, holds step {step}; continue it with: "
-                     f"python {shlex.join(argv)}")
+    argv = [a for a in sys.argv if a != "--start-over"]
+    argv += ["--resume"] * ("--resume" not in argv)
+    raise SystemExit(f"interrupted: the last checkpoint, {path}, holds step {step}; continue it "
+                     f"with: python {shlex.join(argv)}")
 
 
 def run_cleanly(main):
-    """Run a script's main() so that Ctrl-C or an escaping OSError (a full disk, a removed folder) is one line."""
+    """main(), with Ctrl-C or an escaping OSError (a full disk) in one line."""
     try:
         main()
     except KeyboardInterrupt:
         raise SystemExit("interrupted.") from None
     except OSError as error:
-        raise SystemExit(f"error: {error}; free some space or fix the path, then run again (training: --resume).")
+        raise SystemExit(f"error: {error}; free some space or fix the path, then run again "
+                         "(training: --resume).")
