@@ -1,7 +1,6 @@
 """The run plumbing the scripts share, so each stays one linear story: set-up, batches, the
-learning rate, logging, checkpoints and `Run`, the one object a trainer's main() holds. What follows
-the line that says so keeps runs safe (flag, memory and NaN checks, exact resumption, the lock).
-"""
+learning rate, logging, checkpoints and `Run`, the object a trainer's main() holds. Below the marked
+line: what keeps runs safe (flag, memory and NaN checks, exact resumption, the lock)."""
 import argparse
 import atexit
 import contextlib
@@ -33,7 +32,7 @@ import pvdm
 
 
 def init_process(args):
-    """(rank, world, device), joining torchrun's group; sets args.device, .precision, the seed."""
+    """(rank, world, device), in torchrun's group; sets args.device, .precision and the seed."""
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device)
@@ -71,7 +70,7 @@ def autocast(device, precision):
 
 
 def batches(dataset, batch_size, rank, world, seed, start_step, workers):
-    """Endless batches for this rank, ordered by (seed, epoch) alone, so a resumed run goes on
+    """Endless batches for this rank, ordered by (seed, epoch) alone: a resumed run goes on
     exactly where the killed one stopped."""
     per_epoch = len(dataset) // (batch_size * world)
     if per_epoch == 0:
@@ -80,8 +79,8 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # this epoch's clip start frames
+        if hasattr(dataset, "set_epoch"):  # this epoch's clip start frames
+            dataset.set_epoch(epoch)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
         mine = order[: per_epoch * batch_size * world][rank::world]  # this rank's share
         loader = DataLoader(dataset, batch_size, sampler=mine[offset * batch_size:].tolist(),
@@ -124,13 +123,11 @@ class TrainingMeter:
 
     def line(self, step):
         rate = (step - self.step0) * self.args.batch_size / (time.time() - self.start)
-        if self.device.type != "cuda":
-            return f"{rate:.1f} clips/s"
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return f"{rate:.1f} clips/s | peak mem {peak:.1f} GB"
+        peak = (f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GB"
+                if self.device.type == "cuda" else "")
+        return f"{rate:.1f} clips/s{peak}"
 
-    def project(self, step):
-            # once, 5 steps or 30 s after the first (start-up does not count)
+    def project(self, step):  # once, 5 steps or 30 s after the first (start-up does not count)
         self.first = self.first or (step, time.time())
         done, spent, total = step - self.first[0], time.time() - self.first[1], self.args.steps
         if self.said or not (done >= 5 or done and spent >= 30) or step >= total:
@@ -193,7 +190,7 @@ def load_autoencoder(path, device="cpu"):
 
 
 def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
-    """The same, from a checkpoint already loaded."""
+    """The same, from a loaded checkpoint."""
     def build():
         model = pvdm.ProjectedAutoencoder(pvdm.AutoencoderConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
@@ -202,32 +199,30 @@ def autoencoder_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
 
 
 def load_diffusion(path, device, autoencoder_path=None, ema=True):
-    """(autoencoder, diffusion (EMA weights unless ema=False), step, autoencoder path), checked
-    as a pair, in eval mode."""
+    """(autoencoder, diffusion (EMA weights unless ema=False), step, autoencoder path): a pair
+    checked to fit, in eval mode."""
     ckpt = load_checkpoint(path, "diffusion")
     ae_path = autoencoder_path or recorded_autoencoder(path, ckpt["autoencoder"]["path"])
     if not ema and not isinstance(ckpt.get("model"), dict):
-        raise SystemExit(f"error: {path} holds its EMA weights only (an exported model); drop "
-                         "--no-ema.")
+        raise SystemExit(f"error: {path} holds EMA weights only (exported); drop --no-ema.")
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: no autoencoder at {ae_path} " + (
             "(--autoencoder); pass one train_autoencoder.py wrote." if autoencoder_path else
             f"(the one {path} was trained with); pass its path with --autoencoder."))
     autoencoder = load_autoencoder(ae_path, device)
-    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, ae_path)  # so latents fit
+    check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, ae_path)
     dcfg = rebuilt(path, lambda: pvdm.DiffusionConfig(**ckpt["diffusion_config"]))
     if not 0 <= dcfg.overlap < autoencoder.cfg.frames:
         raise SystemExit(f"error: {path} records an overlap of {dcfg.overlap} frames, not 0 to "
-                         f"{autoencoder.cfg.frames - 1}, so it is damaged; pass one "
-                         "train_diffusion.py wrote.")
+                         f"{autoencoder.cfg.frames - 1}, so it is damaged; pass another.")
     weights = "ema" if ema else "model"
     diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(
         pvdm.TriplaneUNet(pvdm.UNetConfig(**ckpt["unet_config"])), dcfg))
     rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
     for name, module in ((ae_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
         if nonfinite(module) is not None:
-            raise SystemExit(f"error: {name} holds NaN or inf weights, so every video would be "
-                             "black; use an earlier checkpoint or train again.")
+            raise SystemExit(f"error: {name} holds NaN or inf weights; use an earlier checkpoint "
+                             "or train again.")
     return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), ae_path
 
 
@@ -267,7 +262,7 @@ def export_model(path, out):
 
 class Run:
     """One training run of `kind`: device, locked --out, the checkpoint to resume, stage 2's
-    frozen autoencoder, the log, and the end of each step."""
+    frozen autoencoder, the log and the end of each step."""
 
     def __init__(self, args, kind):
         self.args, self.kind = args, kind
@@ -285,9 +280,9 @@ class Run:
         log(self.rank, self.args.out, text)
 
     def load(self, configs, trained, **states):
-        """On --resume, refuses other configs ({key: config}), then loads the `states` (model=...)
-        and random streams. Returns, per {scaler key: module} of `trained`, the module (in DDP
-        under torchrun) and fp16's loss scaler."""
+        """On --resume, refuses other configs ({key: config}), loads `states` (model=...) and the
+        random streams. Per {scaler key: module} of `trained`: (module, in DDP under torchrun;
+        fp16's loss scaler)."""
         states = {key: value for key, value in states.items() if value is not None}
         size = checkpoint_bytes(states.values())
         if size > 2**31:
@@ -309,14 +304,13 @@ class Run:
         return scaler
 
     def start(self, dataset, recipe, sized_step):
-        """This rank's batches, once the recipe is said and the memory checked; only now does
+        """This rank's batches, once the recipe is said and memory checked; only then does
         --start-over set the old checkpoint aside."""
         args = self.args
         self.log(f"recipe (preset {args.preset}): " + ", ".join(
             f"{key} {getattr(args, key)}" for key in recipe) + f", precision {args.precision}")
         if self.step >= args.steps:
-            self.log(f"{self.path} is already at step {self.step}; pass a larger --steps to "
-                     "train on.")
+            self.log(f"{self.path} is already at step {self.step}; pass a larger --steps.")
         need = check_fits(args, self.device, self.world, sized_step)
         if need:
             self.log(f"memory: about {need / 2**30:.1f} GB per training step at batch "
@@ -327,13 +321,13 @@ class Run:
                        self.step, args.workers)
 
     def set_learning_rate(self, *optimizers):
-        """This step's rate (warm-up, then cosine or constant) into the optimisers."""
+        """This step's learning rate into the optimisers."""
         self.stop_if_interrupted()  # Ctrl-C in a finaliser (see begin_training)
         for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = learning_rate(self.step, self.args)
 
     def end_step(self, loss, modules, **more):
-        """Count the step, stop on NaN, log; True when rank 0 saves now (the caller calls save)."""
+        """Count the step, stop on NaN, log; True when rank 0 is to save now."""
         args, self.step = self.args, self.step + 1
         losses = {k: mean_over_ranks(v, self.world) for k, v in {"loss": loss, **more}.items()}
         saving = self.step % args.save_every == 0 or self.step == args.steps
@@ -352,7 +346,7 @@ class Run:
                          "rng": self.rng}, self.path, remedy(self.args))
 
     def finish(self):
-        """Leave the process group, so torchrun sees every rank finish cleanly."""
+        """Leave the process group: torchrun sees every rank finish cleanly."""
         if self.world > 1:
             dist.destroy_process_group()
 
@@ -395,7 +389,7 @@ def device_name(text):
 
 
 def resolve_device(name):
-    """The torch.device of a --device (None: cuda if any; under torchrun cuda:LOCAL_RANK)."""
+    """The torch.device of --device (None: cuda if any; under torchrun cuda:LOCAL_RANK)."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -404,15 +398,14 @@ def resolve_device(name):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and device.index >= count:
         use = "--device cpu" if count == 0 else f"cuda:0 to cuda:{count - 1}"
-        raise SystemExit(f"error: --device {name} asked for, but this torch sees {count} CUDA "
-                         f"GPU(s); use {use}.")
+        raise SystemExit(f"error: --device {name}, but torch sees {count} CUDA GPU(s); use {use}.")
     return device
 
 
 def add_data_args(p):
     """The data flags shared by the training and evaluation scripts."""
-    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="synthetic needs no "
-                   f"download, footage needs `{data.FOOTAGE_INSTALL}`; the others read --data-dir")
+    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="synthetic: no "
+                   f"download; footage: `{data.FOOTAGE_INSTALL}`; the others read --data-dir")
     p.add_argument("--data-dir", default=None, help="root of the ucf101 / sky / folder data")
     p.add_argument("--split", default="train", choices=data.SPLITS)
     p.add_argument("--frame-stride", type=positive_int, default=1, help="take every n-th frame")
@@ -432,7 +425,7 @@ def preset_help(stage, key, text=""):
 def parse_for_data(parser, argv, data_defaults, stage):
     """Parse argv; a flag left out takes its --data's default, else the preset's. The preset,
     unless given: the checkpoint's on --resume, the autoencoder's in stage 2, else by --data.
-    args.raised keeps float flags set tenfold above their defaults, which a NaN stop names."""
+    args.raised: float flags set tenfold above their defaults, which a NaN stop names."""
     chosen = parser.parse_known_args(argv)[0].data
     parser.set_defaults(**data_defaults.get(chosen, {}))
     args = parser.parse_args(argv)
@@ -452,7 +445,7 @@ def parse_for_data(parser, argv, data_defaults, stage):
 
 
 def preset_on_disk(path):
-    """The preset a checkpoint file records, read without its tensors (mmap), or None."""
+    """The preset a checkpoint file records (its tensors mmapped, not read), or None."""
     with contextlib.suppress(Exception), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if os.path.isfile(path):
@@ -474,12 +467,12 @@ def add_common_args(p, out, stage):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help=preset(
         "grad_checkpointing", "recompute activations in backward: less memory"))
-    p.add_argument("--out", default=out, help=f"folder for the checkpoint, previews and log "
-                   f"(default: {out}, or runs/DATA/{os.path.basename(out)})")
+    p.add_argument("--out", default=out, help=f"checkpoint, previews and log (default: {out}, "
+                   f"or runs/DATA/{os.path.basename(out)})")
     either = p.add_mutually_exclusive_group()
     either.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    either.add_argument("--start-over", action="store_true", help="train afresh; the old "
-                        "checkpoint and previews are kept, renamed")
+    either.add_argument("--start-over", action="store_true",
+                        help="train afresh, keeping the old checkpoint and previews renamed")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--save-every", type=positive_int, default=500)
@@ -490,7 +483,7 @@ def add_common_args(p, out, stage):
 
 
 def fail(message, distributed=False):
-    """A user error at start-up: one line, and a clean exit on every rank."""
+    """A user error at start-up: one line, a clean exit on every rank."""
     if distributed:
         dist.destroy_process_group()
     raise SystemExit(f"error: {message}")
@@ -498,7 +491,7 @@ def fail(message, distributed=False):
 
 def check_fits(args, device, world, build):
     """The paper preset's bytes per step on this rank, from build(batch) -> (model, loss) on fake
-    tensors; memory that is not there is one line, not a kill minutes later."""
+    tensors: missing memory is one line, not a kill minutes later."""
     if args.preset != "paper":
         return None
     kept = {}  # storage -> bytes, of every tensor saved for backward
@@ -518,9 +511,9 @@ def check_fits(args, device, world, build):
         fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if
                device.type == "cpu" else
                "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB per training "
-                         f"step at batch {args.batch_size // world}, but this {device.type} has "
-                         f"{free / 2**30:.0f} GB free; {fix}.")
+        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB a step at "
+                         f"batch {args.batch_size // world}; this {device.type} has "
+                         f"{free / 2**30:.0f} GB free: {fix}.")
     return need
 
 
@@ -554,22 +547,21 @@ def frozen_autoencoder(run, path):
 
 
 def check_configs(run, configs):
-    """Refuse to resume a checkpoint of other configs ({key: config}): other classes are the data's
-    or --class-cond's, the rest other flags."""
+    """Refuse to resume a checkpoint of other configs ({key: config}): classes (the data's or
+    --class-cond's), or flags."""
     differs = [change for key, cfg in configs.items()
                for change in config_changes(run.ckpt[key], cfg)]
     classes = [change for change in differs if change.startswith("classes ")]
     if classes:
         run.fail(f"{run.path} learnt other classes than this run has ({classes[0]}); resume on the "
-                 "videos it learnt from, with --class-cond as then, or train a new model "
-                 "(--start-over or another --out).")
+                 "videos it learnt from, with --class-cond as then, or pass --start-over.")
     if differs:
         run.fail(f"{run.path} was trained with a different config ({'; '.join(differs)}); resume "
-                 "with its flags, or start a new --out.")
+                 "with its flags, or pass --start-over.")
 
 
 def config_changes(saved, current):
-    """How a checkpoint's config differs from this run's (activation checkpointing may)."""
+    """How a checkpoint's config differs from this one's (grad_checkpointing may)."""
     try:
         there = asdict(type(current)(**saved))
     except (TypeError, ValueError) as error:  # a field unknown here, or a wrong value
@@ -582,9 +574,8 @@ def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
     """Refuse another autoencoder than a diffusion checkpoint's: its latents would be noise."""
     if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
         raise SystemExit(f"error: {path} was trained with a different autoencoder than "
-                         f"{autoencoder_path} (weights fingerprint differs); pass the one it was "
-                         f"trained with, {record['path']} when it was saved (--start-over keeps "
-                         "the old one beside, renamed).")
+                         f"{autoencoder_path} (fingerprints differ); pass the one it was trained "
+                         f"with, then {record['path']} (--start-over keeps it beside, renamed).")
 
 
 def rng_states(run):
@@ -597,7 +588,7 @@ def rng_states(run):
 
 
 def restore_rng(run):
-    """Continue the random streams a checkpoint saved (if it had these ranks)."""
+    """Continue the random streams a checkpoint saved (if it had this rank)."""
     def restore(cpu, cuda=None):
         torch.set_rng_state(cpu)
         if cuda is not None and run.device.type == "cuda":
@@ -622,7 +613,7 @@ def nonfinite(tree):
 
 
 def check_finite(run, losses, modules):
-    """Stop every rank at a non-finite loss, or weights of `modules`, saying what to change."""
+    """Stop every rank at a non-finite loss or weight of `modules`, saying what to change."""
     bad = next((f"the {k} became {v}" for k, v in losses.items() if not math.isfinite(v)), None)
     for module in modules:
         name = bad is None and nonfinite(module)
@@ -636,7 +627,7 @@ LOWER_LR = "with a lower --lr or --precision fp32"
 
 
 def remedy(args):
-    """After a NaN: the flags set tenfold above their defaults nearer them, else the rate."""
+    """After a NaN: the flags set far above their defaults nearer them, else a lower rate."""
     raised = [f"--{key.replace('_', '-')} (here {value:g})"
               for key, value in getattr(args, "raised", {}).items()]
     return f"with {' and '.join(raised)} nearer the default" if raised else LOWER_LR
@@ -649,7 +640,7 @@ def set_aside(path):
 
 
 def what_is_left(path, then=LOWER_LR):
-    """What a stopped run leaves behind, with what to do next."""
+    """What a stopped run leaves, and what to do next."""
     if os.path.exists(path):
         return f"The last checkpoint, {path}, is intact: resume from it {then}."
     aside = set_aside(path)
@@ -668,7 +659,7 @@ def load_file(path, what, fix):
     if problem is None:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # before failing on some foreign files
+                warnings.simplefilter("ignore")  # some foreign files warn, then fail
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # torch would suggest weights_only=False: never
             problem = ("holds more than tensors and plain values (foreign, damaged or hostile), "
@@ -678,7 +669,7 @@ def load_file(path, what, fix):
     raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
 
 
-# What each kind of checkpoint holds (the types; dotted: inside one), and what resuming needs
+# The types each kind of checkpoint holds (dotted: nested), and what resuming needs
 CHECKPOINT_KEYS = {"autoencoder": {"config": dict, "model": dict},
                    "diffusion": {"unet_config": dict, "diffusion_config": dict, "ema": dict,
                                  "autoencoder": dict, "autoencoder.path": str,
@@ -687,7 +678,7 @@ RESUME_KEYS = {"optimizer": dict, "step": int}
 
 
 def entry(tree, dotted):
-    """tree["a"]["b"] for "a.b", or None where a level is missing or not a dict."""
+    """tree["a"]["b"] for "a.b", or None where a level is missing."""
     for key in dotted.split("."):
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
@@ -716,7 +707,7 @@ def make_out_dir(out):
 
 
 def lock_exclusively(fd):
-    """The kernel's lock on an open file, this process's to its end; False if taken."""
+    """The kernel's lock on an open file, to this process's end; False if taken."""
     try:
         if os.name == "nt":
             import msvcrt
@@ -781,7 +772,7 @@ def read_text(fd):
 
 
 def release_lock(lock):
-    """Remove run.lock while still holding it (if still ours), then let it go."""
+    """Remove run.lock while holding it (if still ours), then let it go."""
     fd = HELD.pop(lock, None)
     if fd is not None:
         with contextlib.suppress(OSError):  # Windows keeps an open file: the next run takes it
@@ -791,7 +782,7 @@ def release_lock(lock):
 
 
 def remove_stale_temporaries(out):
-    """Temporary files of saves that died half-way (this run's lock says no other writes)."""
+    """Temporary files of saves that died (the lock says no other run writes here)."""
     for name in os.listdir(out):
         if re.fullmatch(r".+\.pvdm-tmp\.(?:.+\.)?\d+", name, re.ASCII):
             with contextlib.suppress(OSError):
@@ -830,7 +821,7 @@ PREVIEW = re.compile(r"[a-z]+_\d{7}\.(?:png|mp4)", re.ASCII)  # recon_0000500.pn
 
 def begin_training(args, path, rank):
     """--start-over renames the old checkpoint and previews with the time; Ctrl-C ends in one
-    line. Returns the check of each step, for Ctrl-C in a finaliser (which swallows exits)."""
+    line. Returns each step's check for a Ctrl-C in a finaliser (which swallows exits)."""
     if rank == 0 and args.start_over and os.path.exists(path):
         stem, ext = os.path.splitext(path)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -854,7 +845,7 @@ def begin_training(args, path, rank):
 
 
 def interrupted(path, rank):
-    """Ctrl-C in training: what was kept, and how to continue it."""
+    """Ctrl-C in training: what was kept, and how to go on."""
     if rank:
         raise SystemExit(1)  # rank 0 says it
     if not os.path.exists(path):

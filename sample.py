@@ -32,12 +32,11 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
 
 
 def frame_change(totals, before, frames):
-    """Adds to totals {"within": [sum, count], "across": ...} the mean absolute change (grey levels)
-    between consecutive frames (<=T, H, W, 3) uint8 of a clip, and from `before`, the last frame of
-    the clip before (None: none), to its first: alike when clips continue each other."""
+    """Adds to totals {"within" | "across": [sum, count]} the mean absolute change (grey levels)
+    inside a clip (<=T, H, W, 3) and from `before`, the frame before or None, to it; its last."""
     frames = frames.astype(np.float64)
-    pairs = {"within": np.diff(frames, axis=0), "across": frames[:1] - before if before is not None
-             else frames[:0]}  # (pairs, H, W, 3)
+    pairs = {"within": np.diff(frames, axis=0),
+             "across": frames[:1] - before if before is not None else frames[:0]}  # (n, H, W, 3)
     for key, diff in pairs.items():
         totals[key][0] += np.abs(diff).mean(axis=(1, 2, 3)).sum()
         totals[key][1] += len(diff)
@@ -45,10 +44,11 @@ def frame_change(totals, before, frames):
 
 
 @contextlib.contextmanager
-def removed_on_failure(paths):
-    """Files being written, removed if the block fails (a full disk, Ctrl-C): no half videos."""
+def video_writers(paths, fps):
+    """A writer per file, closed at the end; all removed if the block fails (full disk, Ctrl-C)."""
     try:
-        yield
+        with contextlib.ExitStack() as files:
+            yield [files.enter_context(contextlib.closing(data.VideoWriter(p, fps))) for p in paths]
     except BaseException:
         for path in paths:
             with contextlib.suppress(OSError):
@@ -61,24 +61,23 @@ EARLIER = re.compile(r"samples\.json|overview\.png|video_\d{4,}\.(?:mp4|gif|png)
 
 
 def prepare_out(args):
-    """--out locked, with no file of an earlier sampling left (refused, or removed by --overwrite)
-    and no other video, which evaluate.py would mix in."""
+    """Lock --out; refuse an earlier sampling (--overwrite removes it) and other videos there."""
     out, latents = args.out, os.path.join(args.out, "latents")
     make_out_dir(out)
-    take_lock(out)  # one run per --out
+    take_lock(out)
     if args.save_latents and os.path.lexists(latents) and not os.path.isdir(latents):
-        raise SystemExit(f"error: {latents} is a file, where --save-latents puts its folder of "
-                         "latent images; move it away, or pick another --out.")
+        raise SystemExit(f"error: {latents} is a file, where --save-latents puts its folder; "
+                         "move it away, or pick another --out.")
     files = os.listdir(out) + [f"latents/{f}" for f in
                                (os.listdir(latents) if os.path.isdir(latents) else ())]
     earlier = sorted(f for f in files if EARLIER.fullmatch(f))
-    others = sorted(f for f in files if f.endswith((".mp4", ".gif")) and f not in earlier)
+    others = sorted(f for f in files if f.endswith((".mp4", ".gif")) and f not in earlier)  # FVD
     special = [f for f in earlier if not S_ISREG(os.lstat(os.path.join(out, f)).st_mode)]
     problem = (f"{os.path.join(out, special[0])} is not a regular file; remove it" if special else
-               f"{out} already holds {len(others)} other video(s) such as {others[0]}; remove "
-               "them" if others else f"{out} already holds an earlier sampling ({len(earlier)} "
-               f"files, such as {earlier[0]}); pass --overwrite to replace them (all are removed "
-               "first)" if earlier and not args.overwrite else None)
+               f"{out} holds {len(others)} other video(s) such as {others[0]}; remove them"
+               if others else f"{out} holds an earlier sampling ({len(earlier)} files, such as "
+               f"{earlier[0]}); pass --overwrite to replace them (all are removed first)"
+               if earlier and not args.overwrite else None)
     if problem:  # a FIFO would hang the writer
         raise SystemExit(f"error: {problem}, or pick another --out.")
     for f in earlier:
@@ -90,8 +89,8 @@ def prepare_out(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample long videos from a trained PVDM, clip by clip.")
     p.add_argument("--diffusion", default=QUICK_START if os.path.exists(QUICK_START) else SHIPPED,
-                   help=f"stage-2 checkpoint (default: {QUICK_START} if there, else "
-                        f"{os.path.relpath(SHIPPED)}, shipped with the code)")
+                   help=f"stage-2 checkpoint (default: {QUICK_START} if there, else the "
+                        f"shipped {os.path.relpath(SHIPPED)})")
     p.add_argument("--autoencoder", help="stage-1 checkpoint (default: the one --diffusion names)")
     p.add_argument("--frames", type=positive_int, help="frames per video (default: one clip)")
     p.add_argument("--num-videos", type=positive_int, default=4)
@@ -100,12 +99,10 @@ def parse_args(argv=None):
                    help="ddim: --steps steps with noise --eta; ddpm: all T steps with eta 1")
     p.add_argument("--steps", type=positive_int, help="DDIM steps (default 50; the paper: 400)")
     p.add_argument("--eta", type=float_in(0), help="DDIM noise: 0 deterministic, 1 (default) DDPM")
-    p.add_argument("--cfg", type=finite_float, default=0.0,
-                   help="classifier-free guidance weight on the previous clip")
+    p.add_argument("--cfg", type=finite_float, default=0.0, help="guidance on the previous clip")
     p.add_argument("--class", dest="classes", nargs="+", metavar="NAME",
-                   help="the class of all videos, or of each (default: none)")
-    p.add_argument("--class-cfg", type=float_in(0), default=0.0,
-                   help="classifier-free guidance weight on the class")
+                   help="one class for all videos, or one per video")
+    p.add_argument("--class-cfg", type=float_in(0), default=0.0, help="guidance on the class")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="samples")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier sampling in --out")
@@ -114,8 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if any)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights, not their EMA")
-    p.add_argument("--save-latents", action="store_true",
-                   help="also each clip's three latent planes as PNGs, and overview.png")
+    p.add_argument("--save-latents", action="store_true", help="also latent PNGs, overview.png")
     args = p.parse_args(argv)
     if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
         p.error("--sampler ddpm runs all T steps with eta 1; drop --steps/--eta or use ddim.")
@@ -130,17 +126,15 @@ def parse_args(argv=None):
 
 
 def video_labels(asked, known, path, num_videos):
-    """The class index of each video from --class, or None without it. A class is asked by name, in
-    any case, or by its number in the model's list counting from 1, as UCF-101's classInd.txt does;
-    where a class is named by a number, numbers are names only."""
+    """Each video's class index from --class, or None: a name in any case, else (unless a class
+    is named by a number) its number from 1, as in UCF-101's classInd.txt."""
     if not asked:
         return None
-    if not known:
-        raise SystemExit(f"error: {path} was trained without classes, so --class has nothing to "
-                         "choose; drop it, or train with train_diffusion.py --class-cond.")
-    if not (isinstance(known, (list, tuple)) and all(isinstance(name, str) for name in known)):
-        raise SystemExit(f"error: {path} holds class names that are not text, so it is damaged or "
-                         "hand-made; train it again with train_diffusion.py --class-cond.")
+    text = isinstance(known, (list, tuple)) and all(isinstance(name, str) for name in known)
+    if not known or not text:
+        why = ("holds class names that are not text (damaged or hand-made); train it again" if
+               known else "was trained without classes; drop --class, or train")
+        raise SystemExit(f"error: {path} {why} with train_diffusion.py --class-cond.")
     lower, numbered = [name.lower() for name in known], not any(c.isdigit() for c in known)
     labels = []
     for name in asked:
@@ -156,51 +150,38 @@ def video_labels(asked, known, path, num_videos):
     return labels * num_videos if len(labels) == 1 else labels
 
 
-def sampler_settings(args, timesteps):
-    """(steps, eta) for diffusion.sample: DDPM is the DDIM update with every step and eta = 1."""
-    steps = timesteps if args.sampler == "ddpm" else args.steps or 50
-    if steps > timesteps:
-        raise SystemExit(f"error: --steps {steps} exceeds the model's {timesteps} diffusion "
-                         "steps; use at most that.")
-    return steps, 1.0 if args.eta is None else args.eta
-
-
 def batch_generator(seed, index, device):
-    """A generator per batch, seeded from (seed, index): no two pairs share noise, as seed + index
-    would."""
+    """Batch `index`'s generator: no two (seed, index) share noise, as seed + index would."""
     state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def sampler_progress(progress, videos, n_clips):
-    """The sampler's callback after step i of `steps`: where this batch is, on the status line."""
+    """The sampler's callback after step i of `steps`: where this batch is."""
     start = progress.done
     return lambda i, steps: progress.advance(
         f"{videos} | clip {(progress.done - start) // steps + 1}/{n_clips} | step {i}/{steps}")
 
 
 def sample_batch(args, autoencoder, diffusion, names, generator, progress, change, **options):
-    """One batch of videos, clip by clip, each clip's new frames appended to its files at once."""
+    """One batch of videos, clip by clip, each clip's new frames appended to its files."""
     every, made = max(1, autoencoder.cfg.frames // 4), 0  # contact sheets: every 4th of 16 frames
-    sheets, last = [[] for _ in names], [None for _ in names]  # memory grows by a quarter of frames
-    paths = [[os.path.join(args.out, f"{name}.{fmt}") for fmt in args.format] for name in names]
-    # every file closed, and all removed if sampling fails half-way (a full disk, Ctrl-C)
-    with removed_on_failure(sum(paths, [])), contextlib.ExitStack() as files:
-        writers = [[files.enter_context(contextlib.closing(data.VideoWriter(path, args.fps)))
-                    for path in video] for video in paths]  # writers[i]: the files of video i
+    sheets, last = [[] for _ in names], [None] * len(names)
+    paths = [os.path.join(args.out, f"{name}.{fmt}") for name in names for fmt in args.format]
+    with video_writers(paths, args.fps) as writers:
         clips = pvdm.generate_video(autoencoder, diffusion, args.frames, n=len(names),
                                     generator=generator, progress=progress, **options)
         for k, (video, z) in enumerate(clips):  # video (n, 3, <=T, H, W): new frames; z (n, C, N)
-            if not torch.isfinite(z).all():  # never a black video written as if it were a sample
-                guide = [f"--{flag} {w:g}" for flag, w in (("cfg", args.cfg),
-                                                            ("class-cfg", args.class_cfg)) if w]
-                raise SystemExit(f"error: sampling gave NaN or inf latents in clip {k + 1}; " + (
-                    f"lower {' or '.join(guide)}." if guide else "sample an earlier checkpoint."))
+            if not torch.isfinite(z).all():  # never a black video passed off as a sample
+                guide = " or ".join(f"--{flag} {w:g}" for flag, w in (
+                    ("cfg", args.cfg), ("class-cfg", args.class_cfg)) if w)
+                fix = f"lower {guide}" if guide else "sample an earlier checkpoint"
+                raise SystemExit(f"error: sampling gave NaN or inf latents in clip {k + 1}; {fix}.")
             planes = pvdm.unpack(z, *autoencoder.cfg.latent_size)
-            shown = [j for j in range(video.shape[2]) if (made + j) % every == 0]  # in the video
+            shown = [j for j in range(video.shape[2]) if (made + j) % every == 0]
             for i, name in enumerate(names):
                 frames = data.to_uint8(video[i])  # (<=T, H, W, 3)
-                for writer in writers[i]:
+                for writer in writers[i * len(args.format): (i + 1) * len(args.format)]:
                     writer.append(frames)
                 last[i] = frame_change(change, last[i], frames)
                 sheets[i].append(video[i, :, shown].float().cpu())  # (3, <=4, H, W)
@@ -208,13 +189,13 @@ def sample_batch(args, autoencoder, diffusion, names, generator, progress, chang
                     prefix = os.path.join(args.out, "latents", f"{name}_clip{k:02d}")
                     data.save_latent_images(prefix, [p[i] for p in planes])
             made += video.shape[2]
-    for name, shown in zip(names, sheets):  # a row per clip length, whatever the clips' overlap
+    for name, shown in zip(names, sheets):  # a row per clip length, whatever the overlap
         data.save_frame_strip(os.path.join(args.out, f"{name}.png"),
                               torch.cat(shown, dim=1).split(4, dim=1))
 
 
 def save_overview(out, names):
-    """The README's picture: the first contact sheets beside the latent planes of the first clip."""
+    """The README's picture: the first contact sheets, then the first clip's latent planes."""
     read = lambda path: iio.imread(os.path.join(out, path))[..., :3]  # noqa: E731
     planes = [read(f"latents/{names[0]}_clip00_{p}.png") for p in ("zs", "zh", "zw")]
     images = [read(f"{name}.png") for name in names[:4]] + [data.join_images(planes, 8, axis=0)]
@@ -223,30 +204,36 @@ def save_overview(out, names):
 
 def main(argv=None):
     args = parse_args(argv)
-    shipped = " (shipped with the code: pretrained/)" * (os.path.abspath(args.diffusion) == SHIPPED)
-    print(f"model: {args.diffusion}{shipped}", file=sys.stderr)
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    say(f"model: {args.diffusion}" + " (shipped with the code: pretrained/)"
+        * (os.path.abspath(args.diffusion) == SHIPPED))
     device = torch.device(args.device)
     autoencoder, diffusion, train_step, args.autoencoder = load_diffusion(
         args.diffusion, device, args.autoencoder, ema=not args.no_ema)
     gc.freeze()  # imageio collects garbage as it closes each file: leave the models out of it
-    steps, eta = sampler_settings(args, diffusion.cfg.timesteps)
+    steps = diffusion.cfg.timesteps if args.sampler == "ddpm" else args.steps or 50  # DDPM: eta 1
+    eta = 1.0 if args.eta is None else args.eta
+    if steps > diffusion.cfg.timesteps:
+        raise SystemExit(f"error: --steps {steps} exceeds the model's {diffusion.cfg.timesteps} "
+                         "diffusion steps; use at most that.")
     classes = diffusion.model.cfg.classes
     labels = video_labels(args.classes, classes, args.diffusion, args.num_videos)  # or None
-    clip, overlap = autoencoder.cfg.frames, diffusion.cfg.overlap
+    named = labels and [classes[y] for y in labels]
+    clip, overlap, size = autoencoder.cfg.frames, diffusion.cfg.overlap, autoencoder.cfg.resolution
     args.frames = args.frames or clip
     n_clips = pvdm.clips_needed(args.frames, clip, overlap)
     prepare_out(args)
-    asked = labels and f"classes {sorted({classes[y] for y in labels})}, class cfg {args.class_cfg}"
-    print(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of "
-          f"{clip} sharing {overlap} frames) with {args.sampler} {steps} steps, eta {eta}, cfg "
-          f"{args.cfg}, {asked + ', ' if asked else ''}{'raw' if args.no_ema else 'EMA'} weights "
-          f"of step {train_step}, on {device} in {args.precision}", file=sys.stderr)
+    asked = named and f"classes {sorted(set(named))}, class cfg {args.class_cfg}, "
+    say(f"sampling {args.num_videos} video(s) of {args.frames} frames ({n_clips} clip(s) of {clip} "
+        f"sharing {overlap} frames) with {args.sampler} {steps} steps, eta {eta}, cfg {args.cfg}, "
+        f"{asked or ''}{'raw' if args.no_ema else 'EMA'} weights of step {train_step}, on "
+        f"{device} in {args.precision}")
 
-    # batch by batch, each with its own seeded generator, so the result does not depend on timing
+    # batch by batch, each with its own seeded generator: the result does not depend on timing
     names = [f"video_{i:04d}" for i in range(args.num_videos)]
     starts = range(0, len(names), args.batch_size)
     progress = data.Progress(len(starts) * n_clips * steps)
-    change = {"within": [0, 0], "across": [0, 0]}  # [sum, count] of mean frame changes
+    change = {"within": [0, 0], "across": [0, 0]}  # see frame_change
     with autocast(device, args.precision):
         for b, first in enumerate(starts):
             batch = names[first: first + args.batch_size]
@@ -260,20 +247,18 @@ def main(argv=None):
         save_overview(args.out, names)
     took = time.time() - progress.start
     within, across = (total / count if count else None for total, count in change.values())
-    print(f"wrote {len(names)} video(s) of {args.frames} frames at {autoencoder.cfg.resolution}x"
-          f"{autoencoder.cfg.resolution} to {args.out}/ in {data.fmt_time(took)} "
-          f"({took / (len(names) * n_clips):.2f} s per clip per video)", file=sys.stderr)
+    say(f"wrote {len(names)} video(s) of {args.frames} frames at {size}x{size} to {args.out}/ in "
+        f"{data.fmt_time(took)} ({took / (len(names) * n_clips):.2f} s per clip per video)")
     if across is not None:
-        print(f"frame-to-frame change: {within:.1f} grey levels inside clips, {across:.1f} across "
-              "the joins (alike when clips continue each other)", file=sys.stderr)
+        say(f"frame-to-frame change: {within:.1f} grey levels inside clips, {across:.1f} across "
+            "the joins")
 
     # how these videos were made: evaluate.py prints it with every FVD
     info = {key: getattr(args, key) for key in (
         "sampler", "cfg", "class_cfg", "frames", "num_videos", "seed", "diffusion", "autoencoder",
         "batch_size", "precision", "device", "fps")} | {
         "steps": steps, "eta": eta, "ema": not args.no_ema, "diffusion_step": train_step,
-        "classes": labels and [classes[y] for y in labels],
-        "resolution": autoencoder.cfg.resolution,
+        "classes": named, "resolution": size,
         "frame_change": {k: v and round(v, 2) for k, v in zip(change, (within, across))}}
     with open(os.path.join(args.out, "samples.json"), "w") as f:
         json.dump(info, f, indent=2)

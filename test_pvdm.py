@@ -2916,8 +2916,9 @@ def test_the_shipped_model_is_its_preset_row_and_samples_a_clip():
     paths = [os.path.join(SHIPPED, name) for name in ("autoencoder.pt", "diffusion.pt")]
     assert sum(os.path.getsize(p) for p in paths) <= 10 * 2**20
     ae, dm = (torch.load(p, weights_only=True) for p in paths)
-    assert not {"optimizer", "rng", "args"} & (ae.keys() | dm.keys()) and "model" not in dm  # EMA weights only
-    row = pvdm.PRESETS["shipped"]
+    assert not {"optimizer", "rng"} & (ae.keys() | dm.keys()) and "model" not in dm  # EMA weights only
+    assert ae["args"] == {"preset": "shipped"}  # the row it claims, which stage 2 would follow
+    row = pvdm.PRESETS[ae["args"]["preset"]]
     as_saved = lambda cfg, keys: {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in keys}  # noqa: E731
     assert as_saved(ae["config"], row["autoencoder"]) == row["autoencoder"]
     stage1 = ("l1_weight", "l2_weight", "gradient_weight", "latent_noise")
