@@ -101,7 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float_in(0), help="DDIM noise: 0 deterministic, 1 (default) DDPM")
     p.add_argument("--cfg", type=finite_float, default=0.0, help="guidance on the previous clip")
     p.add_argument("--class", dest="classes", nargs="+", metavar="NAME",
-                   help="one class for all videos, or one per video")
+                   help="a class by name, or by its number from 1 (UCF-101: classInd.txt's); "
+                        "one for all videos, or one per video")
     p.add_argument("--class-cfg", type=float_in(0), default=0.0, help="guidance on the class")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="samples")
