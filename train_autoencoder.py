@@ -146,7 +146,10 @@ def main(argv=None):
     stream = run.start(train_set, pvdm.PRESETS[args.preset][STAGE], lambda b: sized_step(cfg, b))
     # the bar to clear, said beside each held-out PSNR: the best naive code (averages on a coarser
     # grid) of no more values than the latent (rank 0 alone evaluates)
-    eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
+    try:  # reading the held-out clips can meet broken videos too
+        eval_clips = torch.stack([held_out[i] for i in range(min(args.eval_clips, len(held_out)))])
+    except data.DataError as e:
+        run.fail(str(e))
     naive_psnr, grid = (pvdm.best_naive_psnr(eval_clips, cfg.latent_values) if run.rank == 0
                         else (0, ()))
     naive = (f"best naive code of <= {cfg.latent_values} values, a {'x'.join(map(str, grid))} "
