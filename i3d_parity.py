@@ -13,7 +13,7 @@ It prints the largest relative difference of the 400 logits, max |torch - flax| 
 Recorded with torch 2.13.0 (CPU), jax 0.10.2, flax 0.12.8:
     --frames 16 --batch 2 (uniform noise)       2.6e-06
     --frames 16 --batch 2 --input synthetic     2.1e-06
-    --frames 41 --batch 1 --seed 1              1.1e-06   (odd length: 'SAME' padding, time averaging)
+    --frames 41 --batch 1 --seed 1              1.1e-06   (odd length: 'SAME' padding, time mean)
 """
 import argparse
 import tempfile
@@ -41,7 +41,8 @@ def main():
     variables = read_i3d_pickle(find_i3d_pickle())
     # The pickle stores batch norm statistics as (1, 1, 1, 1, C), the layout of the Flax of 2022;
     # today's Flax expects (C,) and would broadcast the old layout into extra dimensions.
-    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a.reshape(-1), variables["batch_stats"])
+    stats = variables["batch_stats"]
+    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a.reshape(-1), stats)  # (C,)
     with tempfile.TemporaryDirectory() as cache_dir:
         i3d = load_i3d(cache_dir)
     if args.input == "uniform":
@@ -51,12 +52,14 @@ def main():
         x = np.stack([clips[i].numpy() for i in range(args.batch)])
     x = x.astype(np.float32)                                     # (B, 3, T, 224, 224)
 
-    flax_logits = np.asarray(InceptionI3d().apply(variables, jnp.asarray(x.transpose(0, 2, 3, 4, 1)))[0])
+    channels_last = jnp.asarray(x.transpose(0, 2, 3, 4, 1))      # (B, T, 224, 224, 3)
+    flax_logits = np.asarray(InceptionI3d().apply(variables, channels_last)[0])  # (B, 400)
     with torch.no_grad():
         torch_logits = i3d(torch.from_numpy(x)).numpy()          # (B, 400), layout (B, C, T, H, W)
 
-    diff = np.abs(torch_logits - flax_logits).max() / np.abs(flax_logits).max()
-    print(f"input {args.input} {x.shape}, seed {args.seed}; logits |max| {np.abs(flax_logits).max():.3f}")
+    top = np.abs(flax_logits).max()
+    diff = np.abs(torch_logits - flax_logits).max() / top
+    print(f"input {args.input} {x.shape}, seed {args.seed}; logits |max| {top:.3f}")
     print(f"max relative logits difference torch vs flax: {diff:.2e}")
 
 

@@ -547,9 +547,10 @@ def frozen_autoencoder(run, path):
     model = autoencoder_from_checkpoint(ckpt, run.device, path).requires_grad_(False)
     if run.ckpt:  # trained on the latents of this autoencoder only
         check_same_autoencoder(run.path, run.ckpt["autoencoder"], model, path)
-    if recorded_preset(ckpt) not in (None, run.args.preset):
+    preset = recorded_preset(ckpt)
+    if preset not in (None, run.args.preset):
         run.log(f"note: --preset {run.args.preset} sizes the UNet and its recipe, but {path} was "
-                f"trained with preset {recorded_preset(ckpt)}")
+                f"trained with preset {preset}")
     return model
 
 
